@@ -1,0 +1,1 @@
+"""Building blocks that already know about tensor parallelism (collectives live only here)."""

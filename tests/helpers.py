@@ -1,0 +1,54 @@
+"""Shared test helpers: requests encoded by mistral-common, reference models from transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.config import find_tokenizer_file
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def mistral_tokenizer(checkpoint: Path):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(find_tokenizer_file(checkpoint)))
+
+
+def encode_chat(checkpoint: Path, parts: list, system: str | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """parts: strings and PIL images of one user message -> (tokens, normalised images) by mistral-common."""
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    chunks = [TextChunk(text=p) if isinstance(p, str) else ImageChunk(image=p) for p in parts]
+    messages = ([SystemMessage(content=system)] if system else []) + [UserMessage(content=chunks)]
+    encoded = mistral_tokenizer(checkpoint).encode_chat_completion(ChatCompletionRequest(messages=messages))
+    return encoded.tokens, [torch.from_numpy(np.ascontiguousarray(img)) for img in encoded.images]
+
+
+def hf_model(checkpoint: Path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+
+def hf_inputs(tokens: list[int], images: list[torch.Tensor]) -> dict:
+    """transformers' Llava takes images padded into one batch plus their true sizes."""
+    inputs = {"input_ids": torch.tensor([tokens])}
+    if images:
+        h = max(i.shape[1] for i in images)
+        w = max(i.shape[2] for i in images)
+        pixels = torch.zeros(len(images), 3, h, w)
+        for k, img in enumerate(images):
+            pixels[k, :, : img.shape[1], : img.shape[2]] = img
+        inputs["pixel_values"] = pixels
+        inputs["image_sizes"] = torch.tensor([[i.shape[1], i.shape[2]] for i in images])
+    return inputs
