@@ -52,3 +52,22 @@ def hf_inputs(tokens: list[int], images: list[torch.Tensor]) -> dict:
         inputs["pixel_values"] = pixels
         inputs["image_sizes"] = torch.tensor([[i.shape[1], i.shape[2]] for i in images])
     return inputs
+
+
+def image_features(model, pixels: list[torch.Tensor]):
+    """Pre-adapter features per image, as the vision pool would ship them."""
+    from model.engine.model_runner import ImageFeatures
+
+    with torch.inference_mode():
+        return [ImageFeatures(*(lambda f, g: (f, g[0]))(*model.encode_images([p]))) for p in pixels]
+
+
+def greedy_reference(model, tokens: list[int], pixels: list[torch.Tensor], n: int, eos: int | None = None) -> list[int]:
+    """Greedy decoding by full re-forward without any cache: the engine's ground truth."""
+    out: list[int] = []
+    for _ in range(n):
+        nxt = int(model.logits_no_cache(torch.tensor(tokens + out), pixels)[-1].argmax())
+        out.append(nxt)
+        if nxt == eos:
+            break
+    return out

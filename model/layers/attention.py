@@ -26,10 +26,6 @@ class AttentionBatch:
     def no_cache(query_lens: list[int]) -> "AttentionBatch":
         return AttentionBatch(query_lens=list(query_lens), context_lens=list(query_lens))
 
-    @property
-    def all_decode(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
-
 
 @dataclass
 class KVCache:
@@ -43,19 +39,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: A
                      cache: KVCache | None, scale: float) -> torch.Tensor:
     """q: (T, n_heads, d); k, v: (T, n_kv_heads, d) for the new tokens -> (T, n_heads, d)."""
     if cache is None:
-        return _attend_segments(q, list(k.split(batch.query_lens)), list(v.split(batch.query_lens)), batch, scale)
-    flat_k = cache.k.view(-1, *cache.k.shape[2:])
+        return _attend_segments(q, k.split(batch.query_lens), v.split(batch.query_lens), batch.query_lens, scale)
+    flat_k = cache.k.view(-1, *cache.k.shape[2:])  # (slots, hkv, d)
     flat_v = cache.v.view(-1, *cache.v.shape[2:])
     flat_k.index_copy_(0, batch.slot_mapping, k)
     flat_v.index_copy_(0, batch.slot_mapping, v)
-    if batch.all_decode and len(batch.query_lens) > 1:
-        return _decode_padded(q, cache, batch, scale)
-    ks, vs = [], []
+    out = torch.empty_like(q)
+    starts = [0]
+    for n in batch.query_lens:
+        starts.append(starts[-1] + n)
+    decodes = [i for i, n in enumerate(batch.query_lens) if n == 1]
+    if len(decodes) > 1:  # one padded call for all single-token queries
+        rows = torch.tensor([starts[i] for i in decodes], device=q.device)
+        out[rows] = _decode_padded(q[rows], cache, batch.block_tables[rows.new_tensor(decodes)],
+                                   [batch.context_lens[i] for i in decodes], batch.block_size, scale)
+    else:
+        decodes = []
     for i, ctx in enumerate(batch.context_lens):
+        if i in decodes:
+            continue
         slots = _context_slots(batch.block_tables[i], ctx, batch.block_size)
-        ks.append(flat_k.index_select(0, slots))
-        vs.append(flat_v.index_select(0, slots))
-    return _attend_segments(q, ks, vs, batch, scale)
+        lo, hi = starts[i], starts[i + 1]
+        out[lo:hi] = _attend_segments(q[lo:hi], [flat_k[slots]], [flat_v[slots]], [hi - lo], scale)
+    return out
 
 
 def _context_slots(block_table: torch.Tensor, ctx: int, block_size: int) -> torch.Tensor:
@@ -65,10 +71,10 @@ def _context_slots(block_table: torch.Tensor, ctx: int, block_size: int) -> torc
 
 
 def _attend_segments(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
-                     batch: AttentionBatch, scale: float) -> torch.Tensor:
+                     query_lens: list[int], scale: float) -> torch.Tensor:
     """One SDPA call per sequence: its new queries against its whole context (causal)."""
     outs = []
-    for qi, ki, vi in zip(q.split(batch.query_lens), ks, vs):
+    for qi, ki, vi in zip(q.split(query_lens), ks, vs):
         n_q, n_k = qi.shape[0], ki.shape[0]
         # Query j sits at context position n_k - n_q + j and sees keys up to it.
         mask = None
@@ -81,15 +87,14 @@ def _attend_segments(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Ten
     return torch.cat(outs, dim=0)
 
 
-def _decode_padded(q: torch.Tensor, cache: KVCache, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Many one-token queries in one SDPA call: gather contexts padded to the longest, mask the pad."""
-    bsz, bs = len(batch.context_lens), batch.block_size
-    max_ctx = max(batch.context_lens)
-    n_blocks = (max_ctx + bs - 1) // bs
-    tables = batch.block_tables[:, :n_blocks]  # (B, nb)
+def _decode_padded(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, context_lens: list[int],
+                   block_size: int, scale: float) -> torch.Tensor:
+    """B one-token queries in one SDPA call: contexts gathered padded to the longest, pad masked."""
+    max_ctx = max(context_lens)
+    tables = block_tables[:, :(max_ctx + block_size - 1) // block_size]  # (B, nb)
     k = cache.k[tables].flatten(1, 2)[:, :max_ctx]  # (B, S, hkv, d)
     v = cache.v[tables].flatten(1, 2)[:, :max_ctx]
-    lens = torch.tensor(batch.context_lens, device=q.device)
+    lens = torch.tensor(context_lens, device=q.device)
     mask = torch.arange(max_ctx, device=q.device)[None, :] < lens[:, None]  # (B, S)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),  # (B, h, 1, d), (B, hkv, S, d)

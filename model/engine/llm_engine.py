@@ -1,0 +1,229 @@
+"""The engine: requests in, token/text deltas out. One step = schedule, run, postprocess, collect.
+
+Pure bookkeeping around an executor that runs the model (in this process, or on the ranks of a
+tensor-parallel group elsewhere); the executor only ever sees `StepInput` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from model.engine.block_manager import BlockManager
+from model.engine.detokenizer import IncrementalDetokenizer
+from model.engine.model_runner import ImageFeatures, SeqChunk, StepInput, StepOutput
+from model.engine.sampler import TokenLogprobs
+from model.engine.sampling_params import SamplingParams
+from model.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from model.engine.sequence import ImageSpan, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+
+@dataclass
+class EngineConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_model_len: int = 8192
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    eos_token_id: int = 2
+    image_token_id: int = 10
+    image_end_token_id: int = 13
+    spatial_merge_size: int = 1
+
+    def __post_init__(self) -> None:
+        capacity = self.num_blocks * self.block_size
+        if self.max_model_len > capacity:
+            # One sequence must always fit alone, or preemption could never make progress.
+            log.warning("max_model_len %d exceeds the KV cache (%d tokens); lowering it", self.max_model_len, capacity)
+            self.max_model_len = capacity
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (too long, malformed images); nothing was scheduled."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # new tokens since the previous output
+    text: str  # new final text since the previous output
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float
+    free_blocks: int
+    num_blocks: int
+    preemptions: int
+    prefix_queried_blocks: int
+    prefix_hit_blocks: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    pending_images: list[ImageFeatures] | None
+    announced: bool = False  # the runner knows this sequence's sampling params
+
+
+class LLMEngine:
+    def __init__(self, executor: Executor, config: EngineConfig, decode: Callable[[list[int]], str]) -> None:
+        self.executor = executor
+        self.config = config
+        self.decode = decode
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.requests: dict[str, _Request] = {}
+        self._finished_ids: list[int] = []  # sequences whose runner state can go
+        self._aborted: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    images: list[ImageFeatures] | None = None, image_hashes: list[str] | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_token_ids) >= self.config.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
+                               f"length is {self.config.max_model_len} (prompt plus at least one generated token)")
+        images = images or []
+        spans = self._image_spans(prompt_token_ids, images, image_hashes or [str(i) for i in range(len(images))])
+        seq = Sequence(request_id, list(prompt_token_ids), params, spans)
+        self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.decode, params.stop), images or None)
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def _image_spans(self, tokens: list[int], images: list[ImageFeatures], hashes: list[str]) -> list[ImageSpan]:
+        """Locate each image's tokens ([IMG]... up to its [IMG_END]) and check its feature count."""
+        ends = [i for i, t in enumerate(tokens) if t == self.config.image_end_token_id]
+        if len(ends) != len(images) or len(hashes) != len(images):
+            raise RequestError(f"the prompt has {len(ends)} images but {len(images)} were given")
+        spans, start = [], 0
+        merge = self.config.spatial_merge_size ** 2
+        for end, img, h in zip(ends, images, hashes):
+            first = tokens.index(self.config.image_token_id, start)
+            n_slots = tokens[first:end].count(self.config.image_token_id)
+            rows, (gh, gw) = img.features.shape[0], img.grid
+            if rows != gh * gw or n_slots != rows // merge:
+                raise RequestError(f"image {len(spans)} has {n_slots} [IMG] tokens but {rows} features "
+                                   f"for a {gh}x{gw} patch grid")
+            spans.append(ImageSpan(h, first, end + 1))
+            start = end + 1
+        return spans
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        self._finished_ids.append(req.seq.seq_id)
+        self._aborted.append(self._output(req, [], "", [], finished=True))
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        result = self.executor.execute(self._step_input(chunks))
+        outputs = self._postprocess(chunks, result)
+        outputs, self._aborted = self._aborted + outputs, []
+        return outputs
+
+    def _step_input(self, chunks: list[ScheduledChunk]) -> StepInput:
+        step = StepInput([], finished=self._finished_ids)
+        self._finished_ids = []
+        for c in chunks:
+            seq = c.seq
+            req = self.requests[seq.request_id]
+            if not req.announced:
+                step.new_sequences[seq.seq_id] = seq.params
+                req.announced = True
+            if req.pending_images:
+                step.new_images[seq.seq_id] = req.pending_images
+                req.pending_images = None
+            tokens = seq.token_ids[c.start:c.start + c.num_tokens]
+            offset = 0
+            if seq.images and c.start < len(seq.prompt_token_ids):
+                offset = seq.prompt_token_ids[:c.start].count(self.config.image_token_id)
+            step.chunks.append(SeqChunk(seq.seq_id, tokens, c.start, list(seq.block_table), c.samples, offset))
+        return step
+
+    def _postprocess(self, chunks: list[ScheduledChunk], result: StepOutput) -> list[RequestOutput]:
+        outputs = []
+        sampled = iter(zip(result.tokens, result.logprobs))
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed_tokens += c.num_tokens
+            self.blocks.register_computed(seq)
+            if not c.samples:
+                continue
+            token, logprobs = next(sampled)
+            seq.output_token_ids.append(token)
+            self.generation_tokens_total += 1
+            outputs.append(self._advance(self.requests[seq.request_id], token, logprobs))
+        return outputs
+
+    def _advance(self, req: _Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        seq, params = req.seq, req.seq.params
+        reason = None
+        if (token == self.config.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            reason, text = "stop", req.detok.flush()
+        else:
+            text = req.detok.add(token)
+            if req.detok.stopped:
+                reason = "stop"
+            elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.config.max_model_len:
+                reason, text = "length", text + req.detok.flush()
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._finished_ids.append(seq.seq_id)
+            del self.requests[seq.request_id]
+        return self._output(req, [token], text, [logprobs] if logprobs else [], finished=reason is not None)
+
+    @staticmethod
+    def _output(req: _Request, tokens: list[int], text: str, logprobs: list, finished: bool) -> RequestOutput:
+        seq = req.seq
+        return RequestOutput(seq.request_id, tokens, text, logprobs, finished, seq.finish_reason if finished else None,
+                             len(seq.prompt_token_ids), len(seq.output_token_ids), seq.num_cached_tokens)
+
+    # -- introspection ------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        b = self.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.usage, b.num_free_blocks,
+                           b.num_blocks, self.scheduler.num_preemptions, b.prefix_queried_blocks,
+                           b.prefix_hit_blocks, self.prompt_tokens_total, self.generation_tokens_total)
+
+    def run_to_completion(self) -> dict[str, list[RequestOutput]]:
+        """Step until every request is done; all outputs by request id (for tests and scripts)."""
+        collected: dict[str, list[RequestOutput]] = {}
+        while self.has_unfinished:
+            for out in self.step():
+                collected.setdefault(out.request_id, []).append(out)
+        return collected

@@ -1,0 +1,75 @@
+"""Run the model in this process (tensor parallel size 1), and build a ready engine from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.engine.llm_engine import EngineConfig, LLMEngine
+from model.engine.model_runner import ModelRunner, StepInput, StepOutput, kv_block_bytes
+from model.loader import load_model
+from model.pixtral import PixtralModel
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class KVBudget:
+    """How much memory the paged KV cache may take: a fraction of free GPU memory, or bytes on CPU."""
+
+    gpu_memory_utilization: float = 0.9
+    cpu_bytes: int = DEFAULT_CPU_KV_BYTES
+
+    def num_blocks(self, model: PixtralModel, block_size: int) -> int:
+        weight = model.tok_embeddings.weight
+        per_block = kv_block_bytes(model, block_size, weight.dtype)
+        if weight.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(weight.device)
+            budget = free - (1.0 - self.gpu_memory_utilization) * total
+        else:
+            budget = self.cpu_bytes
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise MemoryError(f"no room for a KV cache: budget {budget / 2**20:.0f} MiB, one block {per_block} bytes")
+        return blocks
+
+
+class LocalExecutor:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step)
+
+
+def tokenizer_decode(checkpoint_dir: str | Path):
+    """mistral-common's detokenizer for a checkpoint (special tokens dropped)."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from model.config import find_tokenizer_file
+
+    tokenizer = MistralTokenizer.from_file(str(find_tokenizer_file(checkpoint_dir))).instruct_tokenizer.tokenizer
+    return tokenizer.decode, tokenizer.eos_id
+
+
+def engine_config_for(model: PixtralModel, num_blocks: int, eos_token_id: int, **overrides) -> EngineConfig:
+    vision = model.args.vision_encoder
+    image_ids = {}
+    if vision is not None:
+        image_ids = dict(image_token_id=vision.image_token_id, image_end_token_id=vision.image_end_token_id,
+                         spatial_merge_size=vision.spatial_merge_size if vision.uses_patch_merger else 1)
+    overrides.setdefault("max_model_len", model.args.max_position_embeddings)
+    return EngineConfig(num_blocks=num_blocks, eos_token_id=eos_token_id, **image_ids, **overrides)
+
+
+def build_local_engine(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                       kv: KVBudget | None = None, block_size: int = 16, model: PixtralModel | None = None,
+                       num_blocks: int | None = None, **engine_overrides) -> LLMEngine:
+    """An engine on one device; `num_blocks` fixes the KV cache size instead of the memory budget."""
+    model = model or load_model(checkpoint_dir, device=device, dtype=dtype)
+    num_blocks = num_blocks or (kv or KVBudget()).num_blocks(model, block_size)
+    decode, eos = tokenizer_decode(checkpoint_dir)
+    config = engine_config_for(model, num_blocks, eos, block_size=block_size, **engine_overrides)
+    return LLMEngine(LocalExecutor(ModelRunner(model, num_blocks, block_size)), config, decode)

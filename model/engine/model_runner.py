@@ -1,0 +1,132 @@
+"""One tensor-parallel rank of the model: owns the weights, the paged KV cache and every tensor.
+
+The engine sends each rank the same small `StepInput` (token ids, positions, block tables, which
+rows to sample); each rank runs the forward pass on its shard; rank 0 also samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.engine.sampler import SamplerState, TokenLogprobs, sample
+from model.engine.sampling_params import SamplingParams
+from model.layers.attention import AttentionBatch, KVCache
+from model.pixtral import PixtralModel
+
+
+@dataclass
+class ImageFeatures:
+    """Pre-adapter features of one image, as the vision encoder produced them."""
+
+    features: torch.Tensor  # (h*w, hidden)
+    grid: tuple[int, int]  # (h, w) in patches
+
+
+@dataclass
+class SeqChunk:
+    seq_id: int
+    token_ids: list[int]  # the tokens computed in this step
+    start: int  # position of the first of them
+    block_table: list[int]
+    sample: bool
+    image_offset: int = 0  # number of [IMG] tokens before `start` (to index the image embeddings)
+
+
+@dataclass
+class StepInput:
+    chunks: list[SeqChunk]
+    new_sequences: dict[int, SamplingParams] = field(default_factory=dict)
+    new_images: dict[int, list[ImageFeatures]] = field(default_factory=dict)
+    finished: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # one per sampling chunk, in chunk order
+    logprobs: list[TokenLogprobs | None]
+
+
+def kv_block_bytes(model: PixtralModel, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block on one rank: keys and values of every layer."""
+    args = model.args
+    n_kv = args.n_kv_heads // model.tp.world_size
+    return 2 * args.n_layers * block_size * n_kv * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: PixtralModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        weight = model.tok_embeddings.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        n_kv = model.args.n_kv_heads // model.tp.world_size
+        shape = (num_blocks, block_size, n_kv, model.args.head_dim)
+        self.kv_caches = [KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                  torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(model.args.n_layers)]
+        self.image_embeds: dict[int, torch.Tensor] = {}  # seq id -> post-adapter embeddings
+        self.samplers: dict[int, SamplerState] = {}
+        self.is_driver = model.tp.rank == 0
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        for seq_id, params in step.new_sequences.items():
+            if self.is_driver:
+                self.samplers[seq_id] = SamplerState.create(params, self.device)
+        for seq_id, images in step.new_images.items():
+            self.image_embeds[seq_id] = self._project(images)
+        output = StepOutput([], [])
+        if step.chunks:
+            output = self._run(step.chunks)
+        for seq_id in step.finished:
+            self.image_embeds.pop(seq_id, None)
+            self.samplers.pop(seq_id, None)
+        return output
+
+    def _project(self, images: list[ImageFeatures]) -> torch.Tensor:
+        feats = torch.cat([img.features for img in images]).to(self.device)
+        return self.model.project_images(feats, [img.grid for img in images])
+
+    def _run(self, chunks: list[SeqChunk]) -> StepOutput:
+        tokens = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)
+        positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.token_ids))], device=self.device)
+        x = self.model.embed(tokens, self._chunk_image_embeds(chunks, tokens))
+        batch = self._attention_batch(chunks)
+        hidden = self.model(x, positions, batch, self.kv_caches)
+        last = torch.tensor(batch.query_lens, device=self.device).cumsum(0) - 1
+        sampled = [i for i, c in enumerate(chunks) if c.sample]
+        if not sampled or not self.is_driver:
+            return StepOutput([], [])
+        logits = self.model.compute_logits(hidden[last[sampled]])
+        states = [self.samplers[chunks[i].seq_id] for i in sampled]
+        ids, logprobs = sample(logits, states)
+        return StepOutput(ids, logprobs)
+
+    def _chunk_image_embeds(self, chunks: list[SeqChunk], tokens: torch.Tensor) -> torch.Tensor | None:
+        """The image embeddings for the [IMG] tokens of this step, in token order (chunks may cut an image)."""
+        vision = self.model.args.vision_encoder
+        if vision is None:
+            return None
+        parts = []
+        for c in chunks:
+            n = sum(1 for t in c.token_ids if t == vision.image_token_id)
+            if n:
+                parts.append(self.image_embeds[c.seq_id][c.image_offset:c.image_offset + n])
+        return torch.cat(parts) if parts else None
+
+    def _attention_batch(self, chunks: list[SeqChunk]) -> AttentionBatch:
+        bs = self.block_size
+        slots = [c.block_table[p // bs] * bs + p % bs
+                 for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
+        width = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+        return AttentionBatch(
+            query_lens=[len(c.token_ids) for c in chunks],
+            context_lens=[c.start + len(c.token_ids) for c in chunks],
+            slot_mapping=torch.tensor(slots, device=self.device),
+            block_tables=torch.tensor(tables, device=self.device),
+            block_size=bs,
+        )

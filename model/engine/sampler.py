@@ -1,0 +1,88 @@
+"""Turn a batch of fp32 logits into next tokens, each row with its own sampling parameters.
+
+Each sequence owns a torch.Generator (seeded from its `seed`, else from fresh entropy), so a seeded
+request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from model.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprobs:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SamplerState:
+    """What sampling remembers about one sequence between steps."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
+
+    @staticmethod
+    def create(params: SamplingParams, device: torch.device) -> "SamplerState":
+        gen = torch.Generator(device=device)
+        if params.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(params.seed)
+        return SamplerState(params, gen)
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for)."""
+    assert logits.shape[0] == len(states), (logits.shape, len(states))
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in states) else None
+    tokens = []
+    for row, state in zip(logits, states):
+        tokens.append(_sample_row(_apply_penalties(row, state), state))
+        state.counts[tokens[-1]] += 1
+    infos = [None if not s.params.logprobs else _logprobs(raw_logprobs[i], tokens[i], s.params.top_logprobs)
+             for i, s in enumerate(states)]
+    return tokens, infos
+
+
+def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
+    p = state.params
+    if not p.has_penalties or not state.counts:
+        return row
+    ids = torch.tensor(list(state.counts), device=row.device)
+    counts = torch.tensor(list(state.counts.values()), device=row.device, dtype=row.dtype)
+    row = row.clone()
+    row[ids] -= p.frequency_penalty * counts + p.presence_penalty  # OpenAI's formula
+    return row
+
+
+def _sample_row(row: torch.Tensor, state: SamplerState) -> int:
+    p = state.params
+    if p.greedy:
+        return int(row.argmax())
+    row = row / p.temperature
+    if 0 < p.top_k < row.shape[0]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=state.generator))
+
+
+def _logprobs(row: torch.Tensor, token: int, n_top: int) -> TokenLogprobs:
+    top = []
+    if n_top:
+        values, ids = torch.topk(row, n_top)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprobs(token, float(row[token]), top)
