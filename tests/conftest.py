@@ -27,3 +27,14 @@ def mistral_12b(hf_12b, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mistral_large(hf_large, tmp_path_factory) -> Path:
     return convert(hf_large, tmp_path_factory.mktemp("mistral_large"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (2 cores: actors take fractional CPUs)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()

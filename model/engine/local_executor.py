@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from model.config import ModelArgs
 from model.engine.llm_engine import EngineConfig, LLMEngine
 from model.engine.model_runner import ModelRunner, StepInput, StepOutput, kv_block_bytes
 from model.loader import load_model
@@ -54,13 +55,13 @@ def tokenizer_decode(checkpoint_dir: str | Path):
     return tokenizer.decode, tokenizer.eos_id
 
 
-def engine_config_for(model: PixtralModel, num_blocks: int, eos_token_id: int, **overrides) -> EngineConfig:
-    vision = model.args.vision_encoder
+def engine_config_for(args: ModelArgs, num_blocks: int, eos_token_id: int, **overrides) -> EngineConfig:
+    vision = args.vision_encoder
     image_ids = {}
     if vision is not None:
         image_ids = dict(image_token_id=vision.image_token_id, image_end_token_id=vision.image_end_token_id,
                          spatial_merge_size=vision.spatial_merge_size if vision.uses_patch_merger else 1)
-    overrides.setdefault("max_model_len", model.args.max_position_embeddings)
+    overrides.setdefault("max_model_len", args.max_position_embeddings)
     return EngineConfig(num_blocks=num_blocks, eos_token_id=eos_token_id, **image_ids, **overrides)
 
 
@@ -71,5 +72,5 @@ def build_local_engine(checkpoint_dir: str | Path, device: str = "cpu", dtype: t
     model = model or load_model(checkpoint_dir, device=device, dtype=dtype)
     num_blocks = num_blocks or (kv or KVBudget()).num_blocks(model, block_size)
     decode, eos = tokenizer_decode(checkpoint_dir)
-    config = engine_config_for(model, num_blocks, eos, block_size=block_size, **engine_overrides)
+    config = engine_config_for(model.args, num_blocks, eos, block_size=block_size, **engine_overrides)
     return LLMEngine(LocalExecutor(ModelRunner(model, num_blocks, block_size)), config, decode)

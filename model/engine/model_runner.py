@@ -98,9 +98,11 @@ class ModelRunner:
         hidden = self.model(x, positions, batch, self.kv_caches)
         last = torch.tensor(batch.query_lens, device=self.device).cumsum(0) - 1
         sampled = [i for i, c in enumerate(chunks) if c.sample]
-        if not sampled or not self.is_driver:
+        if not sampled:
             return StepOutput([], [])
-        logits = self.model.compute_logits(hidden[last[sampled]])
+        logits = self.model.compute_logits(hidden[last[sampled]])  # a collective: every rank takes part
+        if not self.is_driver:
+            return StepOutput([], [])
         states = [self.samplers[chunks[i].seq_id] for i in sampled]
         ids, logprobs = sample(logits, states)
         return StepOutput(ids, logprobs)

@@ -1,0 +1,123 @@
+"""Tensor-parallel decoder ranks as Ray actors in one placement group.
+
+The engine (plain Python, in the decoder replica) sends every rank the same `StepInput` by calling
+`execute` on each; the ranks run their shards in lock-step, joined by torch.distributed (gloo on
+CPU, NCCL on CUDA), and rank 0's sampled tokens come back. One bundle per rank: a GPU bundle on
+GPU nodes, a CPU bundle on CPU.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from model.config import load_model_args
+from model.engine.llm_engine import LLMEngine
+from model.engine.local_executor import KVBudget, engine_config_for, tokenizer_decode
+from model.engine.model_runner import ModelRunner, StepInput, StepOutput
+from model.loader import load_model
+from model.parallel import init_distributed
+
+
+@dataclass
+class RankResources:
+    device: str = "cpu"  # "cpu" or "cuda"
+    cpus_per_rank: float = 1.0
+
+    @property
+    def gpus_per_rank(self) -> float:
+        return 1.0 if self.device == "cuda" else 0.0
+
+
+def placement_bundles(tensor_parallel_size: int, resources: RankResources) -> list[dict[str, float]]:
+    """One bundle per rank, each holding that rank's device."""
+    bundle = {"CPU": resources.cpus_per_rank}
+    if resources.gpus_per_rank:
+        bundle["GPU"] = resources.gpus_per_rank
+    return [dict(bundle) for _ in range(tensor_parallel_size)]
+
+
+@ray.remote
+class RankWorker:
+    def __init__(self, checkpoint: str, rank: int, world_size: int, init_method: str, device: str,
+                 dtype: str, cpu_threads: int) -> None:
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads)
+        backend = "nccl" if device == "cuda" else "gloo"
+        self.tp = init_distributed(rank, world_size, init_method, backend)
+        self.model = load_model(checkpoint, device=device, dtype=getattr(torch, dtype), tp=self.tp,
+                                with_vision_encoder=False)
+        self.runner: ModelRunner | None = None
+
+    def num_blocks(self, budget: KVBudget, block_size: int) -> int:
+        return budget.num_blocks(self.model, block_size)
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step)
+
+    def full_logits(self, tokens: list[int]) -> torch.Tensor:
+        """Cache-free logits of a text prompt, for parity checks between parallel sizes."""
+        return self.model.logits_no_cache(torch.tensor(tokens, device=self.model.tok_embeddings.weight.device)).cpu()
+
+
+def _free_port_and_ip() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+class RayTPExecutor:
+    def __init__(self, checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
+                 kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
+                 first_bundle: int = 0) -> None:
+        size = tensor_parallel_size
+        self.owns_pg = pg is None
+        self.pg = pg or placement_group(placement_bundles(size, resources),
+                                        strategy="STRICT_PACK" if resources.gpus_per_rank else "PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        ip, port = ray.get(ray.remote(num_cpus=0)(_free_port_and_ip).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle)
+        ).remote())
+        threads = max(int(resources.cpus_per_rank), 1)
+        self.workers = [
+            RankWorker.options(
+                num_cpus=resources.cpus_per_rank, num_gpus=resources.gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + r),
+            ).remote(checkpoint, r, size, f"tcp://{ip}:{port}", resources.device, dtype, threads)
+            for r in range(size)
+        ]
+        budget = kv or KVBudget()
+        self.num_blocks = min(ray.get([w.num_blocks.remote(budget, block_size) for w in self.workers]))
+        ray.get([w.init_cache.remote(self.num_blocks, block_size) for w in self.workers])
+
+    def execute(self, step: StepInput) -> StepOutput:
+        results = ray.get([w.execute.remote(step) for w in self.workers])
+        return results[0]  # rank 0 samples; the other ranks return empty outputs
+
+    def full_logits(self, tokens: list[int]) -> torch.Tensor:
+        return ray.get([w.full_logits.remote(tokens) for w in self.workers])[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        if self.owns_pg:
+            ray.util.remove_placement_group(self.pg)
+
+
+def build_tp_engine(checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
+                    kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
+                    **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
+    """An engine whose model runs on `tensor_parallel_size` Ray actors."""
+    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg)
+    decode, eos = tokenizer_decode(checkpoint)
+    config = engine_config_for(load_model_args(checkpoint), executor.num_blocks, eos, block_size=block_size,
+                               **engine_overrides)
+    return LLMEngine(executor, config, decode), executor
