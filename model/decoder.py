@@ -12,7 +12,7 @@ from torch import nn
 
 from model.config import ModelArgs
 from model.layers.attention import AttentionBatch, KVCache, causal_attention
-from model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from model.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rope
 from model.parallel import ParallelContext
@@ -24,17 +24,19 @@ class Attention(nn.Module):
         self.n_heads = tp.shard(args.n_heads, "n_heads")
         self.n_kv_heads = tp.shard(args.n_kv_heads, "n_kv_heads")
         self.head_dim = args.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, tp=tp)
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, tp=tp)
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, tp=tp)
+        kv_width = args.n_kv_heads * args.head_dim
+        # checkpoint tensors wq, wk, wv load into one matmul
+        self.wqkv = MergedColumnParallelLinear(args.dim, [args.n_heads * args.head_dim, kv_width, kv_width],
+                                               ["wq", "wk", "wv"], tp=tp)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp=tp)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.wq(x).view(t, self.n_heads, self.head_dim), angles)  # (T, h, d)
-        k = apply_rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), angles)  # (T, hkv, d)
-        v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x)
+        q = apply_rope(q.reshape(t, self.n_heads, self.head_dim), angles)  # (T, h, d)
+        k = apply_rope(k.reshape(t, self.n_kv_heads, self.head_dim), angles)  # (T, hkv, d)
+        v = v.reshape(t, self.n_kv_heads, self.head_dim)
         out = causal_attention(q, k, v, batch, cache, self.head_dim ** -0.5)  # (T, h, d)
         return self.wo(out.reshape(t, -1))
 
@@ -42,12 +44,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, tp: ParallelContext) -> None:
         super().__init__()
-        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, tp=tp)  # gate
+        # checkpoint tensors w1 (gate) and w3 (up) load into one matmul
+        self.w13 = MergedColumnParallelLinear(args.dim, [args.hidden_dim, args.hidden_dim], ["w1", "w3"], tp=tp)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, tp=tp)  # down
-        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, tp=tp)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -12,16 +12,17 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from model.config import MISTRAL_PARAMS, ModelArgs, load_model_args
-from model.layers.linear import copy_checked
+from model.layers.linear import MergedColumnParallelLinear, copy_checked
 from model.parallel import SINGLE, ParallelContext
 from model.pixtral import PixtralModel
+from model.vision_encoder import VisionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -139,24 +140,25 @@ def checkpoint_files(checkpoint_dir: Path) -> tuple[str, list[Path]]:
     return fmt, files
 
 
-def iter_checkpoint(checkpoint_dir: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Yield (mistral name, tensor, bytes) for every tensor, in Mistral layout, memory-mapped."""
+def iter_checkpoint(checkpoint_dir: Path, args: ModelArgs,
+                    wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Yield (mistral name, tensor, bytes) for every wanted tensor, in Mistral layout, memory-mapped.
+
+    Unwanted tensors are never read (a vision replica skips the decoder's gigabytes)."""
     fmt, files = checkpoint_files(checkpoint_dir)
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                tensor = f.get_tensor(key)
-                nbytes = tensor.numel() * tensor.element_size()
-                if fmt == "mistral":
-                    yield key, tensor, nbytes
+                if fmt == "hf" and HF_IGNORED.search(key):
                     continue
-                if HF_IGNORED.search(key):
-                    continue
-                name = hf_to_mistral_name(key)
+                name = key if fmt == "mistral" else hf_to_mistral_name(key)
                 if name is None:
                     raise KeyError(f"checkpoint tensor {key} ({path.name}) has no place in the Pixtral model")
-                heads = rope_heads(name, args)
-                yield name, (unpermute_from_hf(tensor, heads) if heads else tensor), nbytes
+                if not wanted(name):
+                    continue
+                tensor = f.get_tensor(key)
+                heads = rope_heads(name, args) if fmt == "hf" else None
+                yield name, (unpermute_from_hf(tensor, heads) if heads else tensor), tensor.numel() * tensor.element_size()
 
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -171,27 +173,82 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
     return model.eval()
 
 
+def load_vision_encoder(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """Only the vision encoder, for the vision pool: the decoder's tensors are never read."""
+    checkpoint_dir = Path(checkpoint_dir)
+    args = load_model_args(checkpoint_dir)
+    assert args.vision_encoder is not None, f"{checkpoint_dir} has no vision encoder"
+    with torch.device("meta"):
+        encoder = VisionEncoder(args.vision_encoder)
+    encoder.to(dtype=dtype)
+    encoder.to_empty(device=device)
+    prefix = "vision_encoder."
+    _load_into(encoder, iter_checkpoint(checkpoint_dir, args, lambda n: n.startswith(prefix)), checkpoint_dir, prefix)
+    return encoder.eval()
+
+
 def load_weights(model: PixtralModel, checkpoint_dir: Path) -> None:
-    params = dict(model.named_parameters())
+    # decoder replicas leave the encoder to the vision pool
+    skip_vision = model.vision_encoder is None
+    wanted = (lambda n: not n.startswith("vision_encoder.")) if skip_vision else (lambda n: True)
+    _load_into(model, iter_checkpoint(checkpoint_dir, model.args, wanted), checkpoint_dir)
+
+
+def checkpoint_layout(model: torch.nn.Module) -> dict[str, tuple[str, int | None]]:
+    """Checkpoint tensor name -> (parameter name, part index for merged layers, else None)."""
+    layout = {}
+    for pname, _ in model.named_parameters():
+        owner_name, _, leaf = pname.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, MergedColumnParallelLinear):
+            parent = owner_name.rpartition(".")[0]
+            for part, short in enumerate(owner.part_names):
+                layout[f"{parent}.{short}.{leaf}".lstrip(".")] = (pname, part)
+        else:
+            layout[pname] = (pname, None)
+    return layout
+
+
+def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every checkpoint tensor the model expects."""
+    shapes = {}
+    for name, (pname, part) in checkpoint_layout(model).items():
+        param = model.get_parameter(pname)
+        if part is None:
+            shapes[name] = tuple(param.shape)
+        else:
+            owner = model.get_submodule(pname.rpartition(".")[0])
+            shapes[name] = (owner.full_sizes[part], *param.shape[1:])
+    return shapes
+
+
+def _load_into(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor, int]], checkpoint_dir: Path,
+               prefix: str = "") -> None:
+    layout = checkpoint_layout(model)
     loaded: set[str] = set()
     total = sum(p.stat().st_size for p in checkpoint_files(checkpoint_dir)[1])
     progress = _Progress(total, checkpoint_dir)
-    for name, tensor, nbytes in iter_checkpoint(checkpoint_dir, model.args):
+    for full_name, tensor, nbytes in tensors:
         progress.advance(nbytes)
-        if name.startswith("vision_encoder.") and model.vision_encoder is None:
-            continue  # decoder replicas leave the encoder to the vision pool
-        if name not in params:
-            raise KeyError(f"checkpoint tensor {name} has no parameter in the model (wrong config?)")
+        name = full_name.removeprefix(prefix)
+        if name not in layout:
+            raise KeyError(f"checkpoint tensor {full_name} has no parameter in the model (wrong config?)")
         if name in loaded:
-            raise KeyError(f"checkpoint tensor {name} appears twice")
-        param = params[name]
+            raise KeyError(f"checkpoint tensor {full_name} appears twice")
+        pname, part = layout[name]
+        param = model.get_parameter(pname)
         # Parallel layers cut their own shard; everything else is replicated whole.
-        owner = model.get_submodule(name.rpartition(".")[0])
-        load = getattr(owner, "weight_loader", None) or copy_checked
+        owner = model.get_submodule(pname.rpartition(".")[0])
         with torch.no_grad():
-            load(param, tensor, name)
+            if part is not None:
+                owner.weight_loader(param, tensor, full_name, part)
+            elif hasattr(owner, "weight_loader"):
+                owner.weight_loader(param, tensor, full_name)
+            else:
+                copy_checked(param, tensor, full_name)
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
+    missing = sorted(prefix + n for n in set(layout) - loaded)
     if missing:
         raise KeyError(f"checkpoint {checkpoint_dir} lacks {len(missing)} tensors, first: {missing[:5]}")
     progress.done()

@@ -56,10 +56,11 @@ def tiny_args(shape: str, overrides: dict | None = None) -> ModelArgs:
 
 def random_state(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     """Weights scaled so activations and logits stay O(1): greedy choices are well separated."""
+    from model.loader import checkpoint_shapes
     from model.pixtral import PixtralModel
 
     with torch.device("meta"):
-        shapes = {n: p.shape for n, p in PixtralModel(args).named_parameters()}
+        shapes = checkpoint_shapes(PixtralModel(args))
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in sorted(shapes.items()):

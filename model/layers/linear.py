@@ -48,3 +48,29 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(F.linear(x, self.weight))
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Several column-parallel projections of one input as one matmul (q/k/v, or gate/up).
+
+    The checkpoint stores the parts separately (`part_names`); each loads into its own rows of this
+    rank's weight, which holds this rank's slice of every part.
+    """
+
+    def __init__(self, in_features: int, out_features: list[int], part_names: list[str],
+                 tp: ParallelContext = SINGLE) -> None:
+        super().__init__()
+        assert len(out_features) == len(part_names), (out_features, part_names)
+        self.tp = tp
+        self.part_names = part_names
+        self.full_sizes = list(out_features)
+        self.sizes = [tp.shard(n, f"output features of {p}") for n, p in zip(out_features, part_names)]
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str, part: int) -> None:
+        size, offset = self.sizes[part], sum(self.sizes[:part])
+        shard = loaded.narrow(0, self.tp.rank * size, size) if self.tp.world_size > 1 else loaded
+        copy_checked(param.data.narrow(0, offset, size), shard, name)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight).split(self.sizes, dim=-1)

@@ -1,0 +1,105 @@
+"""One configuration for the whole application, from Serve config `args` or the CLI.
+
+A plain dataclass (validated once); the deployments read their own slices of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ImageLimits:
+    max_images: int = 12  # per request; one more is a 413 (as Mistral's API does)
+    max_image_bytes: int = 20 << 20  # encoded bytes per image
+    max_image_pixels: int = 50_000_000  # decoded width*height (decompression-bomb guard)
+    fetch_timeout_s: float = 10.0
+    max_redirects: int = 3
+    allow_private_urls: list[str] = field(default_factory=list)  # hostnames/CIDRs allowed despite the guard
+    file_root: str | None = None  # file:// URLs allowed only under this directory
+
+
+@dataclass
+class VisionPoolConfig:
+    num_replicas: int | str = "auto"  # "auto" = autoscaled between min and max
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 4.0
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional GPUs are fine: the encoder is small
+    cache_bytes: int = 256 << 20  # encoder-output cache, keyed by image content hash
+    accelerator_type: str | None = None  # e.g. "L4": land on the nodes that name it
+
+
+@dataclass
+class DecoderConfig:
+    num_replicas: int = 1
+    tensor_parallel_size: int = 1
+    cpus_per_rank: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30  # CPU budget
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_queued_requests: int = 256
+    accelerator_type: str | None = None  # e.g. "H100"
+
+
+@dataclass
+class IngressConfig:
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 32.0
+    num_cpus: float = 1.0
+
+
+@dataclass
+class AppConfig:
+    model: str  # checkpoint directory (either format)
+    served_model_name: str = "pixtral"
+    model_aliases: list[str] = field(default_factory=list)
+    device: str = "cpu"  # "cpu" | "cuda"
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV cache
+    default_max_tokens: int = 1024
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 64 << 20
+    images: ImageLimits = field(default_factory=ImageLimits)
+    vision: VisionPoolConfig = field(default_factory=VisionPoolConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+
+    def __post_init__(self) -> None:
+        assert self.device in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device}"
+        assert self.dtype in ("float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"
+        assert self.decoder.tensor_parallel_size >= 1, self.decoder.tensor_parallel_size
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.served_model_name, *self.model_aliases]
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "AppConfig":
+        """Nested dicts (Serve config `args`, YAML) -> AppConfig; unknown keys are an error."""
+        data = dict(data)
+        nested = {"images": ImageLimits, "vision": VisionPoolConfig, "decoder": DecoderConfig, "ingress": IngressConfig}
+        for key, cls in nested.items():
+            if isinstance(data.get(key), dict):
+                data[key] = _build(cls, data[key], key)
+        return _build(AppConfig, data, "app")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} config keys: {unknown}; known: {sorted(known)}")
+    return cls(**values)

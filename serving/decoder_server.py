@@ -1,0 +1,80 @@
+"""The decoder deployment: one replica = one engine = one placement group of tensor-parallel ranks.
+
+With tensor_parallel_size 1 the model runs in the replica itself; otherwise the replica holds the
+engine's bookkeeping and drives rank actors placed in its own placement group (bundle 0 is the
+replica, bundles 1..tp the ranks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from model.engine.async_engine import AsyncEngine, EngineDeadError
+from model.engine.llm_engine import RequestError, RequestOutput
+from model.engine.local_executor import KVBudget, build_local_engine
+from model.engine.model_runner import ImageFeatures
+from model.engine.sampling_params import SamplingParams
+from serving.config import AppConfig
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    image_hashes: list[str]
+
+
+@serve.deployment(name="Decoder")
+class DecoderServer:
+    def __init__(self, config: dict) -> None:
+        cfg = AppConfig.from_dict(config)
+        d = cfg.decoder
+        kv = KVBudget(gpu_memory_utilization=d.gpu_memory_utilization, cpu_bytes=d.kv_cache_bytes)
+        overrides = dict(max_num_seqs=d.max_num_seqs, max_num_batched_tokens=d.max_num_batched_tokens,
+                         enable_prefix_caching=d.enable_prefix_caching)
+        if cfg.max_model_len:
+            overrides["max_model_len"] = cfg.max_model_len
+        if d.tensor_parallel_size == 1:
+            device = "cuda" if cfg.device == "cuda" else "cpu"
+            from model.loader import load_model
+
+            model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype), with_vision_encoder=False)
+            engine = build_local_engine(cfg.model, model=model, kv=kv, block_size=d.block_size, **overrides)
+        else:
+            from ray.util import get_current_placement_group
+
+            from serving.tp_executor import RankResources, build_tp_engine
+
+            engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, RankResources(cfg.device, d.cpus_per_rank),
+                                        cfg.dtype, kv, d.block_size, pg=get_current_placement_group(), **overrides)
+        self.engine = AsyncEngine(engine)
+        self._ids = itertools.count()
+        self.replica_tag = f"{os.getpid()}"
+
+    def info(self) -> dict:
+        c = self.engine.engine.config
+        return {"max_model_len": c.max_model_len, "num_blocks": c.num_blocks, "block_size": c.block_size}
+
+    async def generate(self, request: GenerateRequest, *images: ImageFeatures):
+        """Stream RequestOutputs; the image features arrive straight from the vision pool."""
+        try:
+            async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
+                                                  list(images), request.image_hashes):
+                yield out
+        except RequestError as exc:
+            yield RequestOutput(request.request_id, [], "", finished=True, finish_reason=f"error:{exc}")
+        except EngineDeadError as exc:
+            yield RequestOutput(request.request_id, [], "", finished=True, finish_reason=f"unavailable:{exc}")
+
+    def stats(self) -> dict:
+        return vars(self.engine.stats())
+
+    def check_health(self) -> None:
+        if not self.engine.healthy:
+            raise RuntimeError(f"engine stopped: {self.engine.error!r}")

@@ -1,0 +1,299 @@
+"""The OpenAI-compatible HTTP front: auth, schema, images, tokenization, limits, SSE streaming.
+
+A thin shell: it turns a chat request into prompt tokens and image payloads, asks the vision pool
+for features and the decoder for tokens (the features go from one to the other directly), and
+formats what comes back as OpenAI's JSON or server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from model.config import find_tokenizer_file, load_model_args
+from model.engine.llm_engine import RequestOutput
+from model.engine.sampling_params import SamplingParams
+from serving.config import AppConfig
+from serving.decoder_server import GenerateRequest
+from serving.images import DecodedImage, load_image, too_many_images
+from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, validation_message
+from serving.tokenization import ChatTokenizer, EncodedPrompt
+
+log = logging.getLogger("pixtral_serve.ingress")
+
+app = FastAPI(title="pixtral-serve", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)  # the trace stays in the log
+    return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, config: dict, vision: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        self.cfg = AppConfig.from_dict(config)
+        self.vision = vision
+        self.decoder = decoder
+        self.tokenizer = ChatTokenizer(find_tokenizer_file(self.cfg.model))
+        args = load_model_args(self.cfg.model).vision_encoder
+        self.patch_size, self.max_image_size = args.patch_size, args.max_image_size
+        self.merge = args.spatial_merge_size if args.uses_patch_merger else 1
+        self._decoder_info: dict | None = None
+
+    # -- routes -------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "pixtral-serve"}
+                                           for name in self.cfg.model_names]}
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await asyncio.wait_for(asyncio.gather(self.vision.check_health.remote(),
+                                                  self.decoder.check_health.remote()), timeout=10)
+        except Exception as exc:  # any deployment not ready or failing its check
+            return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/v1/chat/token_count")
+    async def token_count(self, request: Request) -> dict:
+        self._authorize(request)
+        body = await self._parse(request)
+        prompt, images = await self._prompt(body)
+        return {"object": "token_count", "model": self.cfg.served_model_name,
+                "prompt_tokens": len(prompt.tokens), "image_tokens": prompt.num_image_tokens,
+                "text_tokens": len(prompt.tokens) - prompt.num_image_tokens,
+                "images": [{"width": i.size[0], "height": i.size[1], "tokens": n}
+                           for i, n in zip(images, prompt.image_tokens)],
+                "max_model_len": (await self._info())["max_model_len"]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._parse(request)
+        prompt, images = await self._prompt(body)
+        params = await self._sampling_params(body, len(prompt.tokens))
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        features = [self.vision.encode.remote(img.payload(self.patch_size, self.max_image_size, self.merge))
+                    for img in images]
+        hashes = [img.content_hash for img in images]
+        streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes)
+                   for i in range(len(params))]
+        if body.stream:
+            return StreamingResponse(self._sse(body, completion_id, streams, prompt),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await self._complete(body, completion_id, streams, prompt))
+
+    # -- request handling ---------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.cfg.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        supplied = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # compare with every key, always, in constant time
+        ok = False
+        for key in self.cfg.api_keys:
+            ok |= hmac.compare_digest(supplied, key.encode())
+        if not ok:
+            raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                           "authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request) -> ChatCompletionRequest:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            raise APIError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.cfg.max_body_bytes:
+                raise APIError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise bad_request("the request body must be a JSON object", code="invalid_json")
+        try:
+            body = ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            message, param = validation_message(exc.errors())
+            raise bad_request(message, param=param) from None
+        if body.model not in self.cfg.model_names:
+            raise APIError(404, f"model {body.model!r} does not exist; available: {self.cfg.model_names}",
+                           "invalid_request_error", "model", "model_not_found")
+        return body
+
+    async def _prompt(self, body: ChatCompletionRequest) -> tuple[EncodedPrompt, list[DecodedImage]]:
+        urls = [p.url for m in body.messages if isinstance(m.content, list) for p in m.content
+                if isinstance(p, ImagePart)]
+        if len(urls) > self.cfg.images.max_images:
+            raise too_many_images(len(urls), self.cfg.images)
+        images = list(await asyncio.gather(*(load_image(u, self.cfg.images, i) for i, u in enumerate(urls))))
+        prompt = self.tokenizer.encode(body, images)
+        return prompt, images
+
+    async def _info(self) -> dict:
+        if self._decoder_info is None:
+            self._decoder_info = await self.decoder.info.remote()
+        return self._decoder_info
+
+    async def _sampling_params(self, body: ChatCompletionRequest, prompt_len: int) -> list[SamplingParams]:
+        max_len = (await self._info())["max_model_len"]
+        if prompt_len >= max_len:
+            raise bad_request(f"the prompt is {prompt_len} tokens (text and images); this model's maximum context "
+                              f"length is {max_len} tokens", param="messages", code="context_length_exceeded")
+        asked = body.max_completion_tokens or body.max_tokens
+        room = max_len - prompt_len
+        if asked is not None and asked > room:
+            raise bad_request(f"the prompt is {prompt_len} tokens and max_tokens is {asked}; together they exceed "
+                              f"this model's maximum context length of {max_len}", param="max_tokens",
+                              code="context_length_exceeded")
+        max_tokens = asked or min(self.cfg.default_max_tokens, room)
+        out = []
+        for i in range(body.n or 1):
+            seed = None if body.seed is None else body.seed + i
+            try:
+                out.append(SamplingParams(
+                    max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
+                    stop=body.stop, presence_penalty=body.presence_penalty or 0.0,
+                    frequency_penalty=body.frequency_penalty or 0.0, logprobs=bool(body.logprobs),
+                    top_logprobs=body.top_logprobs or 0))
+            except ValueError as exc:
+                raise bad_request(str(exc)) from None
+        return out
+
+    async def _generate(self, request_id: str, tokens: list[int], params: SamplingParams, features: list,
+                        hashes: list[str]) -> AsyncIterator[RequestOutput]:
+        request = GenerateRequest(request_id, tokens, params, hashes)
+        stream = self.decoder.options(stream=True).generate.remote(request, *features)
+        finished = False
+        try:
+            async for out in stream:
+                _raise_for_engine_error(out)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                stream.cancel()  # the client left or failed: the decoder aborts and frees the KV blocks
+
+    # -- response formatting ------------------------------------------------------------------
+    def _logprobs(self, out: RequestOutput) -> list[dict]:
+        entries = []
+        for lp in out.logprobs:
+            entries.append({**self._token_entry(lp.token, lp.logprob),
+                            "top_logprobs": [self._token_entry(t, v) for t, v in lp.top]})
+        return entries
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _usage(self, prompt: EncodedPrompt, finals: list[RequestOutput]) -> dict:
+        completion = sum(o.completion_tokens for o in finals)
+        return {"prompt_tokens": len(prompt.tokens), "completion_tokens": completion,
+                "total_tokens": len(prompt.tokens) + completion,
+                "prompt_tokens_details": {"cached_tokens": max((o.cached_tokens for o in finals), default=0),
+                                          "image_tokens": prompt.num_image_tokens}}
+
+    async def _complete(self, body: ChatCompletionRequest, completion_id: str, streams: list,
+                        prompt: EncodedPrompt) -> dict:
+        async def collect(stream) -> tuple[str, list, RequestOutput]:
+            text, logprobs, last = [], [], None
+            async for out in stream:
+                text.append(out.text)
+                logprobs += self._logprobs(out) if body.logprobs else []
+                last = out
+            return "".join(text), logprobs, last
+
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": lps} if body.logprobs else None,
+                    "finish_reason": last.finish_reason}
+                   for i, (text, lps, last) in enumerate(results)]
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+                "model": body.model, "choices": choices, "usage": self._usage(prompt, [r[2] for r in results])}
+
+    async def _sse(self, body: ChatCompletionRequest, completion_id: str, streams: list,
+                   prompt: EncodedPrompt) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list, usage: dict | None = None) -> str:
+            payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                       "model": body.model, "choices": choices}
+            if body.stream_options and body.stream_options.include_usage:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((index, out))
+            except BaseException as exc:
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, None))
+
+        for i in range(len(streams)):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        finals: list[RequestOutput] = []
+        open_streams = len(streams)
+        try:
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    error = item if isinstance(item, APIError) else APIError(503, "generation failed", "server_error")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    return
+                if item.finished:
+                    finals.append(item)
+                if item.text or item.finished or item.logprobs:
+                    yield chunk([{"index": index, "delta": {"content": item.text} if item.text else {},
+                                  "logprobs": {"content": self._logprobs(item)} if body.logprobs else None,
+                                  "finish_reason": item.finish_reason}])
+            if body.stream_options and body.stream_options.include_usage:
+                payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                           "model": body.model, "choices": [], "usage": self._usage(prompt, finals)}
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+def _raise_for_engine_error(out: RequestOutput) -> None:
+    reason = out.finish_reason or ""
+    if reason.startswith("error:"):
+        raise bad_request(reason.removeprefix("error:"), param="messages")
+    if reason.startswith("unavailable:"):
+        raise APIError(503, "the model is restarting; retry shortly", "server_error", code="model_unavailable",
+                       headers={"Retry-After": "5"})

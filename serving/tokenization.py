@@ -1,0 +1,103 @@
+"""Chat prompts tokenized by mistral-common, with images counted but not processed here.
+
+mistral-common's own image encoder would resize and normalise every image in the ingress; we only
+need its tokens (a function of the image size), so a size-only encoder takes its place. The
+pixels go to the vision pool as uint8 (see model.image_processing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralChatRequest
+from mistral_common.tokens.tokenizers.image import ImageEncoding
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image
+
+from model.image_processing import image_token_ids, token_grid
+from serving.images import DecodedImage
+from serving.protocol import ChatCompletionRequest, ImagePart, bad_request
+
+
+class SizeOnlyImageEncoder:
+    """Stands in for mistral-common's ImageEncoder: the same tokens, no pixel work."""
+
+    def __init__(self, original) -> None:
+        self.config = original.image_config
+        self.ids = original.special_ids
+
+    def __call__(self, chunk: ImageChunk) -> ImageEncoding:
+        width, height = chunk.image.size
+        grid = token_grid(width, height, self.config.image_patch_size, self.config.max_image_size,
+                          self.config.spatial_merge_size)
+        tokens = image_token_ids(grid, self.ids.img, self.ids.img_break, self.ids.img_end)
+        return ImageEncoding(tokens=tokens, image=np.empty((3, 0, 0), dtype=np.float32))
+
+
+@dataclass
+class EncodedPrompt:
+    tokens: list[int]
+    image_tokens: list[int]  # per image: its [IMG] + [IMG_BREAK] + [IMG_END] count
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(self.image_tokens)
+
+
+class ChatTokenizer:
+    def __init__(self, tokenizer_file: str | Path) -> None:
+        self.mistral = MistralTokenizer.from_file(str(tokenizer_file))
+        instruct = self.mistral.instruct_tokenizer
+        if instruct.image_encoder is None:
+            raise ValueError(f"{tokenizer_file} has no image support")
+        self.image_config = instruct.image_encoder.image_config
+        instruct.image_encoder = SizeOnlyImageEncoder(instruct.image_encoder)
+        self.tokenizer = instruct.tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def token_piece(self, token: int) -> str:
+        return self.tokenizer.id_to_piece(token) if hasattr(self.tokenizer, "id_to_piece") else self.decode([token])
+
+    def encode(self, request: ChatCompletionRequest, images: list[DecodedImage]) -> EncodedPrompt:
+        sizes = iter(img.size for img in images)
+        messages = []
+        for m in request.messages:
+            if m.role in ("system", "developer"):
+                messages.append(SystemMessage(content=_text_only(m.content, m.role)))
+            elif m.role == "assistant":
+                messages.append(AssistantMessage(content=_text_only(m.content, m.role)))
+            else:
+                messages.append(UserMessage(content=_user_chunks(m.content, sizes)))
+        try:
+            encoded = self.mistral.encode_chat_completion(MistralChatRequest(messages=messages))
+        except (ValueError, AssertionError) as exc:  # mistral-common's own validation (message order etc.)
+            raise bad_request(f"messages cannot be encoded: {exc}", param="messages") from None
+        patch, max_size = self.image_config.image_patch_size, self.image_config.max_image_size
+        merge = self.image_config.spatial_merge_size
+        per_image = [(lambda g: (g[0] + 1) * g[1])(token_grid(*img.size, patch, max_size, merge)) for img in images]
+        return EncodedPrompt(list(encoded.tokens), per_image)
+
+
+def _text_only(content, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content)
+
+
+def _user_chunks(content, sizes) -> list:
+    if isinstance(content, str):
+        return [TextChunk(text=content)]
+    chunks = []
+    for part in content:
+        if isinstance(part, ImagePart):
+            # a stand-in of the right size: the size-only encoder reads nothing else
+            chunks.append(ImageChunk(image=Image.new("RGB", next(sizes))))
+        else:
+            chunks.append(TextChunk(text=part.text))
+    return chunks
