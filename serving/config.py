@@ -33,6 +33,7 @@ class VisionPoolConfig:
     num_gpus: float = 0.0  # fractional GPUs are fine: the encoder is small
     cache_bytes: int = 256 << 20  # encoder-output cache, keyed by image content hash
     accelerator_type: str | None = None  # e.g. "L4": land on the nodes that name it
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources to require
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DecoderConfig:
     enable_prefix_caching: bool = True
     max_queued_requests: int = 256
     accelerator_type: str | None = None  # e.g. "H100"
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -58,8 +58,11 @@ class DecoderServer:
         self.replica_tag = f"{os.getpid()}"
 
     def info(self) -> dict:
+        import ray
+
         c = self.engine.engine.config
-        return {"max_model_len": c.max_model_len, "num_blocks": c.num_blocks, "block_size": c.block_size}
+        return {"max_model_len": c.max_model_len, "num_blocks": c.num_blocks, "block_size": c.block_size,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def generate(self, request: GenerateRequest, *images: ImageFeatures):
         """Stream RequestOutputs; the image features arrive straight from the vision pool."""

@@ -5,7 +5,6 @@ for features and the decoder for tokens (the features go from one to the other d
 formats what comes back as OpenAI's JSON or server-sent events.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -44,6 +43,15 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)  # the trace stays in the log
     return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+
+def _raise_for_engine_error(out: RequestOutput) -> None:
+    reason = out.finish_reason or ""
+    if reason.startswith("error:"):
+        raise bad_request(reason.removeprefix("error:"), param="messages")
+    if reason.startswith("unavailable:"):
+        raise APIError(503, "the model is restarting; retry shortly", "server_error", code="model_unavailable",
+                       headers={"Retry-After": "5"})
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -178,7 +186,7 @@ class OpenAIIngress:
                 out.append(SamplingParams(
                     max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
-                    stop=body.stop, presence_penalty=body.presence_penalty or 0.0,
+                    stop=body.stop or [], presence_penalty=body.presence_penalty or 0.0,
                     frequency_penalty=body.frequency_penalty or 0.0, logprobs=bool(body.logprobs),
                     top_logprobs=body.top_logprobs or 0))
             except ValueError as exc:
@@ -289,11 +297,3 @@ class OpenAIIngress:
             for t in tasks:
                 t.cancel()
 
-
-def _raise_for_engine_error(out: RequestOutput) -> None:
-    reason = out.finish_reason or ""
-    if reason.startswith("error:"):
-        raise bad_request(reason.removeprefix("error:"), param="messages")
-    if reason.startswith("unavailable:"):
-        raise APIError(503, "the model is restarting; retry shortly", "server_error", code="model_unavailable",
-                       headers={"Retry-After": "5"})

@@ -20,6 +20,14 @@ from serving.config import AppConfig
 from serving.images import ImagePayload
 
 
+def payload_pixels(payload: ImagePayload, device: torch.device) -> torch.Tensor:
+    """The normalised (3, h, w) model input; uint8 originals are resized here, as mistral-common would."""
+    pixels = payload.pixels
+    if pixels.dtype != "float32":
+        pixels = resize(pixels, payload.target_size)
+    return normalize(torch.from_numpy(pixels).to(device))
+
+
 class EncoderCache:
     """LRU of encoder outputs by image content hash, bounded in bytes."""
 
@@ -75,20 +83,18 @@ class VisionEncoderServer:
 
     @torch.inference_mode()
     def _encode_now(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
-        images = [self._pixels(p) for p in payloads]
+        images = [payload_pixels(p, self.device) for p in payloads]
         # one sequence for the whole batch; the block-diagonal mask keeps images apart
         features, grids = self.encoder(images)
         parts = features.split([h * w for h, w in grids])
         return [ImageFeatures(part.cpu(), grid) for part, grid in zip(parts, grids)]
 
-    def _pixels(self, payload: ImagePayload) -> torch.Tensor:
-        pixels = payload.pixels
-        if pixels.dtype != "float32":  # uint8 original: resize here, exactly as mistral-common would
-            pixels = resize(pixels, payload.target_size)
-        return normalize(torch.from_numpy(pixels).to(self.device))
 
     def stats(self) -> dict:
-        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "batch_sizes": list(self.batch_sizes)}
+        import ray
+
+        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "batch_sizes": list(self.batch_sizes),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
         pass  # a live replica with its weights loaded is healthy

@@ -31,10 +31,20 @@ def mistral_large(hf_large, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole test session (2 cores: actors take fractional CPUs)."""
-    import ray
+    """One Ray cluster for the whole test session: a head and two worker nodes on this machine.
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    The nodes carry custom resources so tests can check that deployments land where their
+    resources say (vision pool on `vision_node`, decoder on `decoder_node`). Logical CPUs exceed
+    the 2 real cores; actors take fractions of them.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    env = {"OMP_NUM_THREADS": "1", "RAY_SERVE_LOG_TO_STDERR": "0"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"vision_node": 8})
+    cluster.add_node(num_cpus=2, resources={"decoder_node": 8})
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+    cluster.shutdown()

@@ -1,0 +1,84 @@
+"""`build_app(args)` composes the whole application from one config.
+
+Used by `serve run deploy/<config>.yaml` (import path `serving.app:build_app`), by the
+`pixtral-serve` command and by the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from serving.config import AppConfig
+from serving.decoder_server import DecoderServer
+from serving.ingress import OpenAIIngress
+from serving.vision_encoder_server import VisionEncoderServer
+
+
+def _resources(accelerator_type: str | None, extra: dict[str, float]) -> dict[str, float]:
+    resources = dict(extra)
+    if accelerator_type:
+        resources[f"accelerator_type:{accelerator_type}"] = 0.001
+    return resources
+
+
+def vision_options(cfg: AppConfig) -> dict[str, Any]:
+    v = cfg.vision
+    actor = {"num_cpus": v.num_cpus, "num_gpus": v.num_gpus, "resources": _resources(v.accelerator_type, v.resources)}
+    options: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": max(4 * v.max_batch_size, 16)}
+    if v.num_replicas == "auto":
+        options["autoscaling_config"] = {"min_replicas": v.min_replicas, "max_replicas": v.max_replicas,
+                                         "initial_replicas": v.min_replicas,
+                                         "target_ongoing_requests": v.target_ongoing_requests,
+                                         "upscale_delay_s": 2.0, "downscale_delay_s": 30.0}
+    else:
+        options["num_replicas"] = int(v.num_replicas)
+    return options
+
+
+def decoder_bundles(cfg: AppConfig) -> list[dict[str, float]]:
+    """Bundle 0 holds the replica (engine bookkeeping); with TP > 1, one more bundle per rank."""
+    d = cfg.decoder
+    extra = _resources(d.accelerator_type, d.resources)
+    gpu = 1.0 if cfg.device == "cuda" else 0.0
+    if d.tensor_parallel_size == 1:  # the replica runs the model itself
+        return [{"CPU": d.cpus_per_rank, **({"GPU": gpu} if gpu else {}), **extra}]
+    rank = {"CPU": d.cpus_per_rank, **({"GPU": gpu} if gpu else {}), **extra}
+    return [{"CPU": 0.1, **extra}] + [dict(rank) for _ in range(d.tensor_parallel_size)]
+
+
+def decoder_options(cfg: AppConfig) -> dict[str, Any]:
+    d = cfg.decoder
+    bundles = decoder_bundles(cfg)
+    first = bundles[0]
+    actor = {"num_cpus": first["CPU"], "num_gpus": first.get("GPU", 0.0),
+             "resources": {k: v for k, v in first.items() if k not in ("CPU", "GPU")}}
+    return {"num_replicas": d.num_replicas, "ray_actor_options": actor,
+            "placement_group_bundles": bundles,
+            "placement_group_strategy": "STRICT_PACK" if cfg.device == "cuda" else "PACK",
+            # the engine batches internally; Serve only bounds what waits in front of it
+            "max_ongoing_requests": d.max_num_seqs * 4, "max_queued_requests": d.max_queued_requests,
+            "health_check_period_s": 5.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 60.0}
+
+
+def ingress_options(cfg: AppConfig) -> dict[str, Any]:
+    i = cfg.ingress
+    return {"ray_actor_options": {"num_cpus": i.num_cpus},
+            "autoscaling_config": {"min_replicas": i.min_replicas, "max_replicas": i.max_replicas,
+                                   "initial_replicas": i.min_replicas,
+                                   "target_ongoing_requests": i.target_ongoing_requests},
+            "max_ongoing_requests": int(i.target_ongoing_requests * 4)}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application; `model: demo` means the built-in tiny checkpoint (made once, cached)."""
+    if args.get("model") == "demo":
+        from model.demo import demo_checkpoint
+
+        args = {**args, "model": str(demo_checkpoint())}
+    cfg = AppConfig.from_dict(args)
+    config = cfg.to_dict()
+    vision = VisionEncoderServer.options(**vision_options(cfg)).bind(config)
+    decoder = DecoderServer.options(**decoder_options(cfg)).bind(config)
+    return OpenAIIngress.options(**ingress_options(cfg)).bind(config, vision, decoder)

@@ -1,0 +1,243 @@
+"""The running application, called with the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from model import load_model
+from model.engine.local_executor import build_local_engine
+from model.engine.sampling_params import SamplingParams
+from tests.helpers import encode_chat, image_features, random_image
+
+MODEL = "pixtral-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(checkpoint) -> dict:
+    return {
+        "model": str(checkpoint), "served_model_name": MODEL, "model_aliases": ["pixtral-12b-2409"],
+        "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
+        "vision": {"num_cpus": 0.1, "num_replicas": 1, "resources": {"vision_node": 1}},
+        "decoder": {"cpus_per_rank": 0.5, "kv_cache_bytes": 64 << 20, "resources": {"decoder_node": 1}},
+        "max_model_len": 2048,
+    }
+
+
+def wait_healthy(base: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{base} never became healthy")
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, mistral_12b):
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args(mistral_12b)), name="pixtral", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    yield base
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def png_url(img: Image.Image, fmt: str = "PNG", **save) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    mime = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif"}[fmt]
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_part(img: Image.Image, fmt: str = "PNG") -> dict:
+    return {"type": "image_url", "image_url": {"url": png_url(img, fmt)}}
+
+
+def test_chat_with_image_non_streaming(client):
+    r = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image_part(random_image(40, 30, 1))]}])
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.choices[0].message.content
+    details = r.usage.prompt_tokens_details.model_dump()
+    assert details["image_tokens"] == (3 + 1) * 2  # 40x30 -> 3x2 patches, a break/end per row
+
+
+def test_chat_streaming_with_usage(client):
+    stream = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, messages=[
+        {"role": "user", "content": [image_part(random_image(64, 64, 2), "JPEG"), {"type": "text", "text": "hi"}]}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].choices == []
+    blocking = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [image_part(random_image(64, 64, 2), "JPEG"), {"type": "text", "text": "hi"}]}])
+    assert text == blocking.choices[0].message.content
+
+
+def test_seed_request_shapes(client):
+    """The seeds' shapes: two images interleaved with text, top_p/temperature, stream false, system prompt."""
+    r = client.chat.completions.create(model="pixtral-12b-2409", temperature=0.7, top_p=0.9, stream=False,
+                                       max_tokens=5, seed=3, messages=[
+        {"role": "system", "content": "You are a careful visual assistant."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Compare"}, image_part(random_image(50, 50, 3), "WEBP"),
+            {"type": "text", "text": "with"}, {"type": "image_url", "image_url": png_url(random_image(20, 90, 4))}]}])
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 5
+
+
+def test_http_greedy_equals_engine(client, mistral_12b):
+    img = random_image(70, 40, 5)
+    r = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0, logprobs=True, messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Describe"}, image_part(img)]}])
+    tokens, pixels = encode_chat(mistral_12b, ["Describe", img], system="Be brief.")
+    model = load_model(mistral_12b)
+    engine = build_local_engine(mistral_12b, model=model, num_blocks=128)
+    engine.add_request("direct", tokens, SamplingParams(max_tokens=10, temperature=0.0), image_features(model, pixels))
+    direct = engine.run_to_completion()["direct"]
+    assert r.choices[0].message.content == "".join(o.text for o in direct)
+    assert r.usage.prompt_tokens == len(tokens)
+    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in direct)
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+
+
+def test_models_health_and_token_count(served, client):
+    assert {m.id for m in client.models.list().data} == {MODEL, "pixtral-12b-2409"}
+    assert httpx.get(f"{served}/health").json() == {"status": "ok"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "count me"}, image_part(random_image(100, 40, 6))]}]}
+    count = httpx.post(f"{served}/v1/chat/token_count", json=body).json()
+    assert count["images"] == [{"width": 100, "height": 40, "tokens": (7 + 1) * 3}]
+    r = client.chat.completions.create(max_tokens=1, **body)
+    assert r.usage.prompt_tokens == count["prompt_tokens"]
+
+
+def gif_animated() -> str:
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def truncated_png() -> str:
+    buf = io.BytesIO()
+    random_image(64, 64, 7).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()[:200]).decode()
+
+
+def user_image(url: str) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+SVG = "data:image/svg+xml;base64," + base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode()
+PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\n%%EOF").decode()
+
+REFUSALS = [
+    ("bad json", b"{not json", 400),
+    ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("unknown role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("empty messages", {"model": MODEL, "messages": []}, 400),
+    ("wrong type", {"model": MODEL, "messages": "hi"}, 400),
+    ("temperature", {"model": MODEL, "temperature": 5, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("bad base64", user_image("data:image/png;base64,@@@notbase64"), 400),
+    ("svg", user_image(SVG), 400),
+    ("pdf", user_image(PDF), 400),
+    ("animated gif", user_image(gif_animated()), 400),
+    ("truncated png", user_image(truncated_png()), 400),
+    ("loopback url", user_image("http://127.0.0.1:1/x.png"), 400),
+    ("metadata url", user_image("http://169.254.169.254/latest/meta-data"), 400),
+    ("file url", user_image("file:///etc/passwd"), 400),
+    ("13 images", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_url(random_image(4, 4, 8))}}] * 13}]}, 413),
+    ("too long", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 400),
+    ("max_tokens too big", {"model": MODEL, "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}, 400),
+]
+
+
+@pytest.mark.parametrize("name, body, status", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refusals_are_openai_errors(served, name, body, status):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{served}/v1/chat/completions", timeout=60, **kwargs)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in r.text
+
+
+def test_still_answers_after_refusals(client):
+    r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "ok?"}])
+    assert r.usage.completion_tokens == 2
+
+
+def test_deployments_land_on_their_nodes(served):
+    import ray
+    from ray import serve
+
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    vision = serve.get_deployment_handle("VisionEncoder", app_name="pixtral").stats.remote().result()
+    decoder = serve.get_deployment_handle("Decoder", app_name="pixtral").info.remote().result()
+    assert "vision_node" in nodes[vision["node_id"]]
+    assert "decoder_node" in nodes[decoder["node_id"]]
+    assert vision["node_id"] != decoder["node_id"]
+
+
+def test_serve_run_demo_config_answers(served, tmp_path):
+    """`serve run deploy/demo.yaml` deploys onto the running cluster and answers (same HTTP proxy)."""
+    import ray
+
+    env = {**os.environ, "PIXTRAL_SERVE_CACHE": str(tmp_path)}
+    address = ray.get_runtime_context().gcs_address
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    proc = subprocess.Popen([serve_cli, "run", "--address", address, "deploy/demo.yaml"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        answer = None
+        while time.time() < deadline and answer is None:
+            time.sleep(2)
+            try:
+                r = httpx.post(f"{served}/v1/chat/completions", timeout=30, json={
+                    "model": "pixtral-tiny-demo", "max_tokens": 3,
+                    "messages": [{"role": "user", "content": "hello"}]})
+                if r.status_code == 200:
+                    answer = r.json()
+            except httpx.HTTPError:
+                pass
+        assert answer is not None and answer["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
