@@ -7,8 +7,8 @@ replica, bundles 1..tp the ranks).
 
 from __future__ import annotations
 
-import itertools
-import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from model.engine.local_executor import KVBudget, build_local_engine
 from model.engine.model_runner import ImageFeatures
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
+from serving.metrics import count, metric
 
 
 @dataclass
@@ -54,8 +55,24 @@ class DecoderServer:
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, RankResources(cfg.device, d.cpus_per_rank),
                                         cfg.dtype, kv, d.block_size, pg=get_current_placement_group(), **overrides)
         self.engine = AsyncEngine(engine)
-        self._ids = itertools.count()
-        self.replica_tag = f"{os.getpid()}"
+        self.tags = {"model": cfg.served_model_name}
+        self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0}
+        threading.Thread(target=self._report_engine_metrics, name="engine-metrics", daemon=True).start()
+
+    def _report_engine_metrics(self) -> None:
+        """Gauges every second; counters as the increase since the last report."""
+        counters = {"preemptions": "pixtral_preemptions_total", "prefix_queried_blocks": "pixtral_prefix_cache_queries_total",
+                    "prefix_hit_blocks": "pixtral_prefix_cache_hits_total"}
+        while True:
+            stats = self.engine.stats()
+            metric("pixtral_kv_cache_usage_ratio").set(stats.kv_usage, tags=self.tags)
+            metric("pixtral_running_sequences").set(stats.running, tags=self.tags)
+            metric("pixtral_waiting_sequences").set(stats.waiting, tags=self.tags)
+            for field, name in counters.items():
+                value = getattr(stats, field)
+                count(name, value - self._reported[field], self.tags)
+                self._reported[field] = value
+            time.sleep(1.0)
 
     def info(self) -> dict:
         import ray
@@ -69,6 +86,8 @@ class DecoderServer:
         try:
             async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
                                                   list(images), request.image_hashes):
+                if out.queue_time_s is not None:
+                    metric("pixtral_queue_time_seconds").observe(out.queue_time_s, tags=self.tags)
                 yield out
         except RequestError as exc:
             yield RequestOutput(request.request_id, [], "", finished=True, finish_reason=f"error:{exc}")

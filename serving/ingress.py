@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,12 +27,23 @@ from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
 from serving.decoder_server import GenerateRequest
 from serving.images import DecodedImage, load_image, too_many_images
+from serving.metrics import count, metric
 from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, validation_message
 from serving.tokenization import ChatTokenizer, EncodedPrompt
 
 log = logging.getLogger("pixtral_serve.ingress")
 
 app = FastAPI(title="pixtral-serve", docs_url=None, redoc_url=None)
+
+
+@app.middleware("http")
+async def _count_requests(request: Request, call_next):
+    response = await call_next(request)
+    route = request.scope.get("route")
+    tags = {"model": getattr(app.state, "model_name", ""), "route": route.path if route else "unmatched",
+            "status_code": str(response.status_code)}
+    metric("pixtral_http_requests_total").inc(tags=tags)
+    return response
 
 
 @app.exception_handler(APIError)
@@ -43,6 +55,16 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)  # the trace stays in the log
     return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+
+@dataclass
+class _Timing:
+    """Per-request clock for the latency metrics, shared by its n choices."""
+
+    start: float
+    open_choices: int
+    image_tokens: int
+    first_token_seen: bool = False
 
 
 def _raise_for_engine_error(out: RequestOutput) -> None:
@@ -66,6 +88,8 @@ class OpenAIIngress:
         self.patch_size, self.max_image_size = args.patch_size, args.max_image_size
         self.merge = args.spatial_merge_size if args.uses_patch_merger else 1
         self._decoder_info: dict | None = None
+        self.tags = {"model": self.cfg.served_model_name}
+        app.state.model_name = self.cfg.served_model_name
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -98,15 +122,18 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        started = time.perf_counter()
         self._authorize(request)
         body = await self._parse(request)
         prompt, images = await self._prompt(body)
         params = await self._sampling_params(body, len(prompt.tokens))
+        metric("pixtral_images_per_request").observe(len(images), tags=self.tags)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         features = [self.vision.encode.remote(img.payload(self.patch_size, self.max_image_size, self.merge))
                     for img in images]
         hashes = [img.content_hash for img in images]
-        streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes)
+        timing = _Timing(started, len(params), prompt.num_image_tokens)
+        streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
                    for i in range(len(params))]
         if body.stream:
             return StreamingResponse(self._sse(body, completion_id, streams, prompt),
@@ -194,18 +221,37 @@ class OpenAIIngress:
         return out
 
     async def _generate(self, request_id: str, tokens: list[int], params: SamplingParams, features: list,
-                        hashes: list[str]) -> AsyncIterator[RequestOutput]:
+                        hashes: list[str], timing: "_Timing") -> AsyncIterator[RequestOutput]:
         request = GenerateRequest(request_id, tokens, params, hashes)
         stream = self.decoder.options(stream=True).generate.remote(request, *features)
         finished = False
+        last = None
         try:
             async for out in stream:
                 _raise_for_engine_error(out)
+                now = time.perf_counter()
+                if out.token_ids:
+                    if last is None and not timing.first_token_seen:
+                        timing.first_token_seen = True
+                        metric("pixtral_time_to_first_token_seconds").observe(now - timing.start, tags=self.tags)
+                    elif last is not None:
+                        metric("pixtral_inter_token_latency_seconds").observe(now - last, tags=self.tags)
+                    last = now
                 finished = out.finished
+                if finished:
+                    self._record_finished(out, timing)
                 yield out
         finally:
             if not finished:
                 stream.cancel()  # the client left or failed: the decoder aborts and frees the KV blocks
+
+    def _record_finished(self, out: RequestOutput, timing: "_Timing") -> None:
+        count("pixtral_generation_tokens_total", out.completion_tokens, self.tags)
+        timing.open_choices -= 1
+        if timing.open_choices == 0:  # the last of the request's n choices
+            count("pixtral_prompt_tokens_total", out.prompt_tokens, self.tags)
+            count("pixtral_image_tokens_total", timing.image_tokens, self.tags)
+            metric("pixtral_request_latency_seconds").observe(time.perf_counter() - timing.start, tags=self.tags)
 
     # -- response formatting ------------------------------------------------------------------
     def _logprobs(self, out: RequestOutput) -> list[dict]:

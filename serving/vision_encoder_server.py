@@ -18,6 +18,7 @@ from model.image_processing import normalize, resize
 from model.loader import load_vision_encoder
 from serving.config import AppConfig
 from serving.images import ImagePayload
+from serving.metrics import metric
 
 
 def payload_pixels(payload: ImagePayload, device: torch.device) -> torch.Tensor:
@@ -61,6 +62,7 @@ class EncoderCache:
 class VisionEncoderServer:
     def __init__(self, config: dict) -> None:
         cfg = AppConfig.from_dict(config)
+        self.tags = {"model": cfg.served_model_name}
         self.device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
         self.encoder = load_vision_encoder(cfg.model, device=self.device, dtype=getattr(torch, cfg.dtype))
         self.cache = EncoderCache(cfg.vision.cache_bytes)
@@ -70,6 +72,7 @@ class VisionEncoderServer:
 
     async def encode(self, payload: ImagePayload) -> ImageFeatures:
         cached = self.cache.get(payload.content_hash)
+        metric("pixtral_vision_cache_hits_total" if cached else "pixtral_vision_cache_misses_total").inc(tags=self.tags)
         if cached is not None:
             return cached
         features = await self._encode_batch(payload)
@@ -79,7 +82,11 @@ class VisionEncoderServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
         self.batch_sizes.append(len(payloads))
-        return await asyncio.to_thread(self._encode_now, payloads)
+        start = time.perf_counter()
+        features = await asyncio.to_thread(self._encode_now, payloads)
+        metric("pixtral_vision_encode_latency_seconds").observe(time.perf_counter() - start, tags=self.tags)
+        metric("pixtral_vision_batch_size").observe(len(payloads), tags=self.tags)
+        return features
 
     @torch.inference_mode()
     def _encode_now(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,46 @@ def greedy_reference(model, tokens: list[int], pixels: list[torch.Tensor], n: in
         if nxt == eos:
             break
     return out
+
+
+# -- the running application -------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(checkpoint) -> dict:
+    """The test application: tiny checkpoint, vision pool and decoder pinned to their nodes."""
+    return {
+        "model": str(checkpoint), "served_model_name": "pixtral-test", "model_aliases": ["pixtral-12b-2409"],
+        "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
+        "vision": {"num_cpus": 0.1, "num_replicas": 1, "resources": {"vision_node": 1}},
+        "decoder": {"cpus_per_rank": 0.5, "kv_cache_bytes": 64 << 20, "resources": {"decoder_node": 1}},
+        "max_model_len": 2048,
+    }
+
+
+def wait_healthy(base: str, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{base} never became healthy")
+
+
+def deploy_test_app(checkpoint) -> None:
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app(app_args(checkpoint)), name="pixtral", route_prefix="/", blocking=False)
+
+

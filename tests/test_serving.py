@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,52 +19,9 @@ from PIL import Image
 from model import load_model
 from model.engine.local_executor import build_local_engine
 from model.engine.sampling_params import SamplingParams
-from tests.helpers import encode_chat, image_features, random_image
+from tests.helpers import deploy_test_app, encode_chat, image_features, random_image, wait_healthy
 
 MODEL = "pixtral-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def app_args(checkpoint) -> dict:
-    return {
-        "model": str(checkpoint), "served_model_name": MODEL, "model_aliases": ["pixtral-12b-2409"],
-        "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
-        "vision": {"num_cpus": 0.1, "num_replicas": 1, "resources": {"vision_node": 1}},
-        "decoder": {"cpus_per_rank": 0.5, "kv_cache_bytes": 64 << 20, "resources": {"decoder_node": 1}},
-        "max_model_len": 2048,
-    }
-
-
-def wait_healthy(base: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{base} never became healthy")
-
-
-@pytest.fixture(scope="module")
-def served(ray_cluster, mistral_12b):
-    from ray import serve
-
-    from serving.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(mistral_12b)), name="pixtral", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(base)
-    yield base
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +171,7 @@ def test_deployments_land_on_their_nodes(served):
     assert vision["node_id"] != decoder["node_id"]
 
 
-def test_serve_run_demo_config_answers(served, tmp_path):
+def test_serve_run_demo_config_answers(served, mistral_12b, tmp_path):
     """`serve run deploy/demo.yaml` deploys onto the running cluster and answers (same HTTP proxy)."""
     import ray
 
@@ -241,3 +197,5 @@ def test_serve_run_demo_config_answers(served, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        deploy_test_app(mistral_12b)  # give the session its own application back
+        wait_healthy(served)

@@ -7,6 +7,7 @@ tensor-parallel group elsewhere); the executor only ever sees `StepInput` messag
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -62,6 +63,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_time_s: float | None = None  # on a request's first output: wait before its first step
 
 
 @dataclass
@@ -159,9 +161,12 @@ class LLMEngine:
     def _step_input(self, chunks: list[ScheduledChunk]) -> StepInput:
         step = StepInput([], finished=self._finished_ids)
         self._finished_ids = []
+        now = time.monotonic()
         for c in chunks:
             seq = c.seq
             req = self.requests[seq.request_id]
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             if not req.announced:
                 step.new_sequences[seq.seq_id] = seq.params
                 req.announced = True
@@ -210,8 +215,11 @@ class LLMEngine:
     @staticmethod
     def _output(req: _Request, tokens: list[int], text: str, logprobs: list, finished: bool) -> RequestOutput:
         seq = req.seq
+        queued = None
+        if len(seq.output_token_ids) <= 1 and seq.first_scheduled_time is not None:
+            queued = seq.first_scheduled_time - seq.arrival_time
         return RequestOutput(seq.request_id, tokens, text, logprobs, finished, seq.finish_reason if finished else None,
-                             len(seq.prompt_token_ids), len(seq.output_token_ids), seq.num_cached_tokens)
+                             len(seq.prompt_token_ids), len(seq.output_token_ids), seq.num_cached_tokens, queued)
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:

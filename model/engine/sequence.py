@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 import itertools
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the leading full, computed blocks
     finish_reason: str | None = None
     arrival: int = 0  # admission order, for FIFO fairness and preemption order
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     preemptions: int = 0
 
     @property
