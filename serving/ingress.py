@@ -38,12 +38,16 @@ app = FastAPI(title="pixtral-serve", docs_url=None, redoc_url=None)
 
 @app.middleware("http")
 async def _count_requests(request: Request, call_next):
-    response = await call_next(request)
-    route = request.scope.get("route")
-    tags = {"model": getattr(app.state, "model_name", ""), "route": route.path if route else "unmatched",
-            "status_code": str(response.status_code)}
-    metric("pixtral_http_requests_total").inc(tags=tags)
-    return response
+    status = 500  # unless a response says otherwise: an unhandled error becomes a 500 further out
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.scope.get("route")
+        tags = {"model": getattr(app.state, "model_name", ""), "route": route.path if route else "unmatched",
+                "status_code": str(status)}
+        metric("pixtral_http_requests_total").inc(tags=tags)
 
 
 @app.exception_handler(APIError)

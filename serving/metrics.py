@@ -14,7 +14,7 @@ from ray.serve import metrics
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
-COUNT_BUCKETS = [0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64]
+COUNT_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]  # Ray wants positive bounds; le=1 holds 0 and 1
 
 # name -> (kind, description, buckets, extra label keys); `model` is on every metric
 DEFINITIONS = {
