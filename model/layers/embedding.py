@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers.linear import copy_checked
+from model.layers.linear import copy_checked, linear
 from model.parallel import SINGLE, ParallelContext
 
 
@@ -36,4 +36,4 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Untied output projection sharded over the vocabulary; logits gathered in fp32."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last_dim(F.linear(hidden, self.weight).float())
+        return self.tp.all_gather_last_dim(linear(hidden, self.weight).float())

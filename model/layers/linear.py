@@ -14,6 +14,22 @@ from torch import nn
 from model.parallel import SINGLE, ParallelContext
 
 
+SKINNY_ROWS = 256
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias).
+
+    On CPU with few rows (decode steps), MKL runs weight @ x.T up to 2x faster than x @ weight.T
+    (measured at 2-128 rows: the large weight stays the untransposed operand); for many rows both
+    are equal. GPUs take the plain path.
+    """
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= SKINNY_ROWS:
+        out = (weight @ x.T).T.contiguous()
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"tensor {name}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}")
@@ -32,7 +48,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param, loaded.narrow(0, self.tp.rank * shard, shard) if self.tp.world_size > 1 else loaded, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -47,7 +63,7 @@ class RowParallelLinear(nn.Module):
         copy_checked(param, loaded.narrow(1, self.tp.rank * shard, shard) if self.tp.world_size > 1 else loaded, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight))
 
 
 class MergedColumnParallelLinear(nn.Module):
@@ -73,4 +89,4 @@ class MergedColumnParallelLinear(nn.Module):
         copy_checked(param.data.narrow(0, offset, size), shard, name)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+        return linear(x, self.weight).split(self.sizes, dim=-1)
