@@ -31,7 +31,7 @@ def vision_options(cfg: AppConfig) -> dict[str, Any]:
         options["autoscaling_config"] = {"min_replicas": v.min_replicas, "max_replicas": v.max_replicas,
                                          "initial_replicas": v.min_replicas,
                                          "target_ongoing_requests": v.target_ongoing_requests,
-                                         "upscale_delay_s": 2.0, "downscale_delay_s": 30.0}
+                                         "upscale_delay_s": v.upscale_delay_s, "downscale_delay_s": v.downscale_delay_s}
     else:
         options["num_replicas"] = int(v.num_replicas)
     return options
@@ -57,8 +57,9 @@ def decoder_options(cfg: AppConfig) -> dict[str, Any]:
     return {"num_replicas": d.num_replicas, "ray_actor_options": actor,
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK" if cfg.device == "cuda" else "PACK",
-            # the engine batches internally; Serve only bounds what waits in front of it
-            "max_ongoing_requests": d.max_num_seqs * 4, "max_queued_requests": d.max_queued_requests,
+            # the engine batches up to max_num_seqs; a bounded number more wait inside it, the
+            # next ones in Serve's queue, and past max_queued_requests callers get a 503 at once
+            "max_ongoing_requests": d.max_num_seqs * 2, "max_queued_requests": d.max_queued_requests,
             "health_check_period_s": 5.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 60.0}
 
 
@@ -68,7 +69,7 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
             "autoscaling_config": {"min_replicas": i.min_replicas, "max_replicas": i.max_replicas,
                                    "initial_replicas": i.min_replicas,
                                    "target_ongoing_requests": i.target_ongoing_requests},
-            "max_ongoing_requests": int(i.target_ongoing_requests * 4)}
+            "max_ongoing_requests": i.max_ongoing_requests, "max_queued_requests": i.max_queued_requests}
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -27,6 +27,8 @@ class VisionPoolConfig:
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: float = 4.0
+    upscale_delay_s: float = 2.0  # sustained load this long adds replicas
+    downscale_delay_s: float = 60.0  # sustained idleness this long removes them
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     num_cpus: float = 1.0
@@ -57,6 +59,8 @@ class IngressConfig:
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: float = 32.0
+    max_ongoing_requests: int = 256  # per ingress replica
+    max_queued_requests: int = 1024  # past this the proxy answers 503 at once
     num_cpus: float = 1.0
 
 

@@ -19,6 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from model.config import find_tokenizer_file, load_model_args
@@ -69,6 +71,32 @@ class _Timing:
     open_choices: int
     image_tokens: int
     first_token_seen: bool = False
+
+
+async def _unavailable_as_503(stream) -> AsyncIterator:
+    """Decoder overload or failure -> 503 with Retry-After (the client may retry), never a 500."""
+    try:
+        async for item in stream:
+            yield item
+    except BackPressureError:
+        raise APIError(503, "the server is at capacity; retry shortly", "server_error", code="overloaded",
+                       headers={"Retry-After": "2"}) from None
+    except (RayError, RayServeException) as exc:
+        log.warning("decoder call failed: %s", type(exc).__name__)
+        raise APIError(503, "the model is unavailable (a replica is restarting); retry shortly", "server_error",
+                       code="model_unavailable", headers={"Retry-After": "5"}) from None
+
+
+async def _started(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """Wait for a stream's first output, so errors before it still get their own HTTP status."""
+    first = await anext(stream)
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        yield first
+        async for item in stream:
+            yield item
+
+    return chained()
 
 
 def _raise_for_engine_error(out: RequestOutput) -> None:
@@ -140,6 +168,7 @@ class OpenAIIngress:
         streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
                    for i in range(len(params))]
         if body.stream:
+            streams = list(await asyncio.gather(*(_started(s) for s in streams)))
             return StreamingResponse(self._sse(body, completion_id, streams, prompt),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(await self._complete(body, completion_id, streams, prompt))
@@ -231,7 +260,7 @@ class OpenAIIngress:
         finished = False
         last = None
         try:
-            async for out in stream:
+            async for out in _unavailable_as_503(stream):
                 _raise_for_engine_error(out)
                 now = time.perf_counter()
                 if out.token_ids:
