@@ -63,6 +63,23 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
 
 
+RETRIES = 3
+
+
+class _VisionCalls:
+    """The vision-pool calls of one request, shared by its n choices; re-issued on a retry."""
+
+    def __init__(self, handle: DeploymentHandle, payloads: list) -> None:
+        self.handle, self.payloads = handle, payloads
+        self.attempt, self.responses = -1, []
+
+    def get(self, attempt: int) -> list:
+        if attempt > self.attempt:
+            self.attempt = attempt
+            self.responses = [self.handle.encode.remote(p) for p in self.payloads]
+        return self.responses
+
+
 @dataclass
 class _Timing:
     """Per-request clock for the latency metrics, shared by its n choices."""
@@ -161,8 +178,8 @@ class OpenAIIngress:
         params = await self._sampling_params(body, len(prompt.tokens))
         metric("pixtral_images_per_request").observe(len(images), tags=self.tags)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        features = [self.vision.encode.remote(img.payload(self.patch_size, self.max_image_size, self.merge))
-                    for img in images]
+        features = _VisionCalls(self.vision, [img.payload(self.patch_size, self.max_image_size, self.merge)
+                                              for img in images])
         hashes = [img.content_hash for img in images]
         timing = _Timing(started, len(params), prompt.num_image_tokens)
         streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
@@ -253,30 +270,39 @@ class OpenAIIngress:
                 raise bad_request(str(exc)) from None
         return out
 
-    async def _generate(self, request_id: str, tokens: list[int], params: SamplingParams, features: list,
-                        hashes: list[str], timing: "_Timing") -> AsyncIterator[RequestOutput]:
+    async def _generate(self, request_id: str, tokens: list[int], params: SamplingParams,
+                        features: "_VisionCalls", hashes: list[str], timing: "_Timing") -> AsyncIterator[RequestOutput]:
+        """Stream one choice. A replica that dies before the first token is retried on a fresh call
+        (the vision pool and the decoder route around it); after that the client gets a 503."""
         request = GenerateRequest(request_id, tokens, params, hashes)
-        stream = self.decoder.options(stream=True).generate.remote(request, *features)
-        finished = False
         last = None
-        try:
-            async for out in _unavailable_as_503(stream):
-                _raise_for_engine_error(out)
-                now = time.perf_counter()
-                if out.token_ids:
-                    if last is None and not timing.first_token_seen:
-                        timing.first_token_seen = True
-                        metric("pixtral_time_to_first_token_seconds").observe(now - timing.start, tags=self.tags)
-                    elif last is not None:
-                        metric("pixtral_inter_token_latency_seconds").observe(now - last, tags=self.tags)
-                    last = now
-                finished = out.finished
-                if finished:
-                    self._record_finished(out, timing)
-                yield out
-        finally:
-            if not finished:
-                stream.cancel()  # the client left or failed: the decoder aborts and frees the KV blocks
+        for attempt in range(RETRIES + 1):
+            stream = self.decoder.options(stream=True).generate.remote(request, *features.get(attempt))
+            finished = False
+            try:
+                async for out in _unavailable_as_503(stream):
+                    _raise_for_engine_error(out)
+                    now = time.perf_counter()
+                    if out.token_ids:
+                        if last is None and not timing.first_token_seen:
+                            timing.first_token_seen = True
+                            metric("pixtral_time_to_first_token_seconds").observe(now - timing.start, tags=self.tags)
+                        elif last is not None:
+                            metric("pixtral_inter_token_latency_seconds").observe(now - last, tags=self.tags)
+                        last = now
+                    finished = out.finished
+                    if finished:
+                        self._record_finished(out, timing)
+                    yield out
+                return
+            except APIError as exc:
+                if exc.code != "model_unavailable" or last is not None or attempt == RETRIES:
+                    raise
+                log.warning("retrying %s after a replica failure (attempt %d)", request_id, attempt + 1)
+                await asyncio.sleep(0.5 * (attempt + 1))
+            finally:
+                if not finished:
+                    stream.cancel()  # the client left or failed: the decoder aborts and frees the KV blocks
 
     def _record_finished(self, out: RequestOutput, timing: "_Timing") -> None:
         count("pixtral_generation_tokens_total", out.completion_tokens, self.tags)

@@ -90,7 +90,7 @@ def app_args(checkpoint) -> dict:
         "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
         "vision": {"num_cpus": 0.1, "num_replicas": 1, "resources": {"vision_node": 1}},
         "decoder": {"cpus_per_rank": 0.5, "kv_cache_bytes": 64 << 20, "resources": {"decoder_node": 1}},
-        "max_model_len": 2048,
+        "max_model_len": 10240,
     }
 
 

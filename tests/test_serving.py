@@ -139,8 +139,8 @@ REFUSALS = [
     ("file url", user_image("file:///etc/passwd"), 400),
     ("13 images", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": png_url(random_image(4, 4, 8))}}] * 13}]}, 413),
-    ("too long", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 400),
-    ("max_tokens too big", {"model": MODEL, "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("too long", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 12000}]}, 400),
+    ("max_tokens too big", {"model": MODEL, "max_tokens": 11000, "messages": [{"role": "user", "content": "hi"}]}, 400),
 ]
 
 
