@@ -7,6 +7,7 @@ world_size 1 every collective is the identity, so TP=1 runs exactly the same cod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,5 +45,7 @@ SINGLE = ParallelContext()
 def init_distributed(rank: int, world_size: int, init_method: str, backend: str) -> ParallelContext:
     """Join the process group of one decoder replica: gloo on CPU, NCCL on CUDA."""
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+        # a bounded wait: a peer that died must not hang the others for the default 30 minutes
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=120))
     return ParallelContext(rank=rank, world_size=world_size)

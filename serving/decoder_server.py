@@ -52,8 +52,10 @@ class DecoderServer:
 
             from serving.tp_executor import RankResources, build_tp_engine
 
+            # bundle 0 of the replica's placement group is the replica itself; the ranks take 1..tp
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, RankResources(cfg.device, d.cpus_per_rank),
-                                        cfg.dtype, kv, d.block_size, pg=get_current_placement_group(), **overrides)
+                                        cfg.dtype, kv, d.block_size, pg=get_current_placement_group(),
+                                        first_bundle=1, **overrides)
         self.engine = AsyncEngine(engine)
         self.tags = {"model": cfg.served_model_name}
         self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0}

@@ -9,6 +9,7 @@ GPU nodes, a CPU bundle on CPU.
 from __future__ import annotations
 
 import socket
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -79,6 +80,7 @@ class RayTPExecutor:
                  kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
                  first_bundle: int = 0) -> None:
         size = tensor_parallel_size
+        self.step_timeout_s = 300.0
         self.owns_pg = pg is None
         self.pg = pg or placement_group(placement_bundles(size, resources),
                                         strategy="STRICT_PACK" if resources.gpus_per_rank else "PACK")
@@ -87,9 +89,10 @@ class RayTPExecutor:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle)
         ).remote())
         threads = max(int(resources.cpus_per_rank), 1)
+        group = uuid.uuid4().hex[:8]  # names the ranks of this group, for operators and tests
         self.workers = [
             RankWorker.options(
-                num_cpus=resources.cpus_per_rank, num_gpus=resources.gpus_per_rank,
+                name=f"pixtral-tp-rank{r}-{group}", num_cpus=resources.cpus_per_rank, num_gpus=resources.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + r),
             ).remote(checkpoint, r, size, f"tcp://{ip}:{port}", resources.device, dtype, threads)
             for r in range(size)
@@ -99,8 +102,15 @@ class RayTPExecutor:
         ray.get([w.init_cache.remote(self.num_blocks, block_size) for w in self.workers])
 
     def execute(self, step: StepInput) -> StepOutput:
-        results = ray.get([w.execute.remote(step) for w in self.workers])
-        return results[0]  # rank 0 samples; the other ranks return empty outputs
+        refs = [w.execute.remote(step) for w in self.workers]
+        # Fail fast: if one rank dies, the others wait in a collective forever; do not wait on them.
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.step_timeout_s)
+            if not ready:
+                raise TimeoutError(f"a tensor-parallel step took over {self.step_timeout_s}s")
+            ray.get(ready[0])  # raises if that rank failed
+        return ray.get(refs[0])  # rank 0 samples; the other ranks return empty outputs
 
     def full_logits(self, tokens: list[int]) -> torch.Tensor:
         return ray.get([w.full_logits.remote(tokens) for w in self.workers])[0]
@@ -114,9 +124,9 @@ class RayTPExecutor:
 
 def build_tp_engine(checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                     kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
-                    **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
-    """An engine whose model runs on `tensor_parallel_size` Ray actors."""
-    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg)
+                    first_bundle: int = 0, **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
+    """An engine whose model runs on `tensor_parallel_size` Ray actors (in bundles first_bundle...)."""
+    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle)
     decode, eos = tokenizer_decode(checkpoint)
     config = engine_config_for(load_model_args(checkpoint), executor.num_blocks, eos, block_size=block_size,
                                **engine_overrides)

@@ -25,8 +25,7 @@ def scrape(ports: list[int]) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name.startswith("ray_pixtral_"):
-                    key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items()
-                                                 if k in ("model", "route", "status_code", "le"))))
+                    key = (s.name, tuple(sorted(s.labels.items())))  # one series per replica
                     samples[key] = samples.get(key, 0.0) + s.value
     return samples
 
@@ -34,6 +33,12 @@ def scrape(ports: list[int]) -> dict[tuple[str, tuple], float]:
 def total(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, lbl), v in samples.items()
                if n == name and all(dict(lbl).get(k) == val for k, val in labels.items()) and "le" not in dict(lbl))
+
+
+def increase(before: dict, after: dict, name: str, **labels) -> float:
+    """Growth of the series present now (a replica killed earlier may have left stale series behind)."""
+    grown = {key: v - before.get(key, 0.0) for key, v in after.items()}
+    return total(grown, name, **labels)
 
 
 def bucket(samples: dict, name: str, le: str) -> float:
@@ -72,7 +77,7 @@ def test_metrics_match_known_traffic(ray_cluster, served):
     deadline = time.time() + 60
     while True:  # Ray's agents export every second or so; wait until all of it arrived
         after = scrape(ray_cluster.metrics_ports)
-        delta = lambda name, **lbl: total(after, name, **lbl) - total(before, name, **lbl)
+        delta = lambda name, **lbl: increase(before, after, name, **lbl)
         done = (delta("ray_pixtral_http_requests_total", route="/v1/chat/completions", status_code="200") == 4
                 and delta("ray_pixtral_generation_tokens_total") == generated
                 and delta("ray_pixtral_queue_time_seconds_count") == 4)
@@ -87,8 +92,8 @@ def test_metrics_match_known_traffic(ray_cluster, served):
     assert delta("ray_pixtral_image_tokens_total") == 3 * 2 * 8
     # Ray rebuilds histogram sums from bucket midpoints, so check the buckets, which are exact
     assert delta("ray_pixtral_images_per_request_count") == 4
-    images_le = lambda le: (bucket(after, "ray_pixtral_images_per_request_bucket", le)
-                            - bucket(before, "ray_pixtral_images_per_request_bucket", le))
+    grown = {key: v - before.get(key, 0.0) for key, v in after.items()}
+    images_le = lambda le: bucket(grown, "ray_pixtral_images_per_request_bucket", le)
     assert (images_le("1.0"), images_le("2.0")) == (1, 4)  # one text-only request, three with two images
     assert delta("ray_pixtral_request_latency_seconds_count") == 4
     assert delta("ray_pixtral_time_to_first_token_seconds_count") == 4
@@ -107,6 +112,7 @@ def test_metrics_match_known_traffic(ray_cluster, served):
     names = {n for n, _ in after}
     missing = exported_names() - names - {"ray_pixtral_preemptions_total"}  # no preemption in this traffic
     assert not missing, missing
-    assert all(dict(lbl).get("model") == MODEL for n, lbl in after if n != "ray_pixtral_http_requests_total")
+    assert all(dict(lbl).get("model") for n, lbl in after)  # every series names its model
+    assert all(dict(lbl).get("model") == MODEL for (n, lbl), v in grown.items() if v)  # our traffic, our model
     assert set(DEFINITIONS) == {n.removeprefix("ray_").removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
                                 for n in exported_names()}

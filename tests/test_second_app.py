@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,7 +38,8 @@ def second_app(served, mistral_12b):
     base = served + "/second"
     wait_healthy(base)
     yield base
-    serve.delete("second")
+    if "second" in serve.status().applications:
+        serve.delete("second")
 
 
 def auth(key: str) -> dict:
@@ -97,3 +100,53 @@ def test_vision_pool_scales_up_under_burst_and_back_down(second_app):
     while time.time() < deadline and vision_replicas() != 1:
         time.sleep(1)
     assert vision_replicas() == 1, "the vision pool did not scale back down when idle"
+
+
+def test_logs_never_hold_keys_or_image_bytes(second_app):
+    import ray
+
+    body = image_body(4242)
+    url = body["messages"][0]["content"][0]["image_url"]["url"]
+    fragment = url.split(",", 1)[1][100:160]  # 60 characters of the image's base64
+    assert httpx.post(second_app + "/v1/chat/completions", json=body, headers=auth(KEY), timeout=60).status_code == 200
+    bad = dict(body, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url[:-200]}}]}])
+    assert httpx.post(second_app + "/v1/chat/completions", json=bad, headers=auth(KEY), timeout=60).status_code == 400
+    time.sleep(2)  # let the log files flush
+    logs = Path(_session_dir()) / "logs"
+    offenders = []
+    for path in logs.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".out", ".err"):
+            text = path.read_text(errors="ignore")
+            if KEY in text or fragment in text:
+                offenders.append(path.name)
+    assert not offenders, offenders
+
+
+def _session_dir() -> str:
+    import ray
+
+    return ray._private.worker.global_worker.node.get_session_dir_path()
+
+
+def test_graceful_shutdown_lets_streams_finish(second_app):
+    """Deleting the application drains: a stream already running completes with [DONE]."""
+    from ray import serve
+
+    body = {"model": "pixtral-secure", "max_tokens": 600, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "A long answer, please."}]}
+    events, deleter = [], None
+    with httpx.Client(timeout=120, headers=auth(KEY)) as client:
+        with client.stream("POST", second_app + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                events.append(line)
+                if deleter is None and len(events) > 4:
+                    deleter = threading.Thread(target=lambda: serve.delete("second"))
+                    deleter.start()
+    deleter.join(timeout=120)
+    assert "second" not in serve.status().applications  # the app was really shut down meanwhile
+    usage = [json.loads(e[6:])["usage"] for e in events if e.startswith("data: {") and '"usage": {' in e]
+    assert usage and usage[-1]["completion_tokens"] == 600  # every token arrived
+    assert events[-2:] == ["data: [DONE]", ""] or events[-1] == "data: [DONE]", events[-3:]
+    assert any('"finish_reason": "length"' in e for e in events)
