@@ -12,7 +12,7 @@ from ray.serve import Application
 
 from serving.config import AppConfig
 from serving.decoder_server import DecoderServer
-from serving.ingress import OpenAIIngress
+from serving.ingress import MODEL_NAME_ENV, OpenAIIngress
 from serving.vision_encoder_server import VisionEncoderServer
 
 
@@ -65,7 +65,9 @@ def decoder_options(cfg: AppConfig) -> dict[str, Any]:
 
 def ingress_options(cfg: AppConfig) -> dict[str, Any]:
     i = cfg.ingress
-    return {"ray_actor_options": {"num_cpus": i.num_cpus},
+    # the HTTP middleware labels its metrics with the model name; it runs outside the class
+    actor = {"num_cpus": i.num_cpus, "runtime_env": {"env_vars": {MODEL_NAME_ENV: cfg.served_model_name}}}
+    return {"ray_actor_options": actor,
             "autoscaling_config": {"min_replicas": i.min_replicas, "max_replicas": i.max_replicas,
                                    "initial_replicas": i.min_replicas,
                                    "target_ongoing_requests": i.target_ongoing_requests},

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from serving.tokenization import ChatTokenizer, EncodedPrompt
 log = logging.getLogger("pixtral_serve.ingress")
 
 app = FastAPI(title="pixtral-serve", docs_url=None, redoc_url=None)
+MODEL_NAME_ENV = "PIXTRAL_SERVE_MODEL_NAME"  # set per ingress deployment by build_app
 
 
 @app.middleware("http")
@@ -47,7 +49,7 @@ async def _count_requests(request: Request, call_next):
         return response
     finally:
         route = request.scope.get("route")
-        tags = {"model": getattr(app.state, "model_name", ""), "route": route.path if route else "unmatched",
+        tags = {"model": os.environ.get(MODEL_NAME_ENV, ""), "route": route.path if route else "unmatched",
                 "status_code": str(status)}
         metric("pixtral_http_requests_total").inc(tags=tags)
 
@@ -138,7 +140,6 @@ class OpenAIIngress:
         self.merge = args.spatial_merge_size if args.uses_patch_merger else 1
         self._decoder_info: dict | None = None
         self.tags = {"model": self.cfg.served_model_name}
-        app.state.model_name = self.cfg.served_model_name
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/v1/models")

@@ -80,7 +80,10 @@ def test_metrics_match_known_traffic(ray_cluster, served):
         delta = lambda name, **lbl: increase(before, after, name, **lbl)
         done = (delta("ray_pixtral_http_requests_total", route="/v1/chat/completions", status_code="200") == 4
                 and delta("ray_pixtral_generation_tokens_total") == generated
-                and delta("ray_pixtral_queue_time_seconds_count") == 4)
+                and delta("ray_pixtral_queue_time_seconds_count") == 4
+                and delta("ray_pixtral_prefix_cache_hits_total") >= 2
+                and delta("ray_pixtral_vision_cache_hits_total") >= 2
+                and total(after, "ray_pixtral_running_sequences") == 0)
         if done or time.time() > deadline:
             break
         time.sleep(1)
@@ -112,7 +115,9 @@ def test_metrics_match_known_traffic(ray_cluster, served):
     names = {n for n, _ in after}
     missing = exported_names() - names - {"ray_pixtral_preemptions_total"}  # no preemption in this traffic
     assert not missing, missing
-    assert all(dict(lbl).get("model") for n, lbl in after)  # every series names its model
-    assert all(dict(lbl).get("model") == MODEL for (n, lbl), v in grown.items() if v)  # our traffic, our model
+    unnamed = [(n, lbl) for n, lbl in after if not dict(lbl).get("model")]
+    assert not unnamed, [{k: v for k, v in l if k in ("model", "route", "status_code", "deployment")} for _, l in unnamed[:3]]  # every series names its model
+    foreign = [(n, lbl) for (n, lbl), v in grown.items() if v and dict(lbl).get("model") != MODEL]
+    assert not foreign, foreign[:3]  # our traffic, our model
     assert set(DEFINITIONS) == {n.removeprefix("ray_").removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
                                 for n in exported_names()}
