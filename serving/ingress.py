@@ -106,6 +106,23 @@ async def _unavailable_as_503(stream) -> AsyncIterator:
                        code="model_unavailable", headers={"Retry-After": "5"}) from None
 
 
+def _cancel(stream) -> None:
+    """The client left or the call failed: the decoder aborts and frees the KV blocks. Cancelling a
+    call that already failed re-raises its error, which must not replace the one being answered."""
+    try:
+        stream.cancel()
+    except Exception:  # noqa: BLE001 - the original error is already on its way to the client
+        pass
+
+
+async def _once(response) -> AsyncIterator:
+    yield await response
+
+
+async def _first(stream: AsyncIterator):
+    return await anext(stream)
+
+
 async def _started(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     """Wait for a stream's first output, so errors before it still get their own HTTP status."""
     first = await anext(stream)
@@ -139,6 +156,7 @@ class OpenAIIngress:
         self.patch_size, self.max_image_size = args.patch_size, args.max_image_size
         self.merge = args.spatial_merge_size if args.uses_patch_merger else 1
         self._decoder_info: dict | None = None
+        self._info_lock = asyncio.Lock()
         self.tags = {"model": self.cfg.served_model_name}
 
     # -- routes -------------------------------------------------------------------------------
@@ -241,8 +259,11 @@ class OpenAIIngress:
         return prompt, images
 
     async def _info(self) -> dict:
+        """The decoder's limits (max_model_len), asked once: concurrent first requests share the call."""
         if self._decoder_info is None:
-            self._decoder_info = await self.decoder.info.remote()
+            async with self._info_lock:
+                if self._decoder_info is None:
+                    self._decoder_info = await _first(_unavailable_as_503(_once(self.decoder.info.remote())))
         return self._decoder_info
 
     async def _sampling_params(self, body: ChatCompletionRequest, prompt_len: int) -> list[SamplingParams]:
@@ -303,7 +324,7 @@ class OpenAIIngress:
                 await asyncio.sleep(0.5 * (attempt + 1))
             finally:
                 if not finished:
-                    stream.cancel()  # the client left or failed: the decoder aborts and frees the KV blocks
+                    _cancel(stream)
 
     def _record_finished(self, out: RequestOutput, timing: "_Timing") -> None:
         count("pixtral_generation_tokens_total", out.completion_tokens, self.tags)

@@ -91,6 +91,7 @@ def app_args(checkpoint) -> dict:
         "vision": {"num_cpus": 0.1, "num_replicas": 1, "resources": {"vision_node": 1}},
         "decoder": {"cpus_per_rank": 0.5, "kv_cache_bytes": 64 << 20, "resources": {"decoder_node": 1}},
         "max_model_len": 10240,
+        "max_body_bytes": 8 << 20,
     }
 
 

@@ -107,3 +107,24 @@ def test_byte_cap_while_streaming(server):
 def test_http_errors_are_400(server):
     assert refused(f"{server}/missing.png").code == "image_fetch_failed"
     assert refused("http://127.0.0.1:1/x.png").code == "image_fetch_failed"  # nothing listens there
+
+
+def test_file_urls_only_under_the_configured_root(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(PNG)
+    (tmp_path / "outside.png").write_bytes(PNG)
+    limits = ImageLimits(file_root=str(root))
+    assert asyncio.run(load_image(f"file://{root}/a.png", limits, 0)).size == (24, 16)
+    for url in (f"file://{tmp_path}/outside.png", f"file://{root}/../outside.png", f"file://{root}/missing.png"):
+        with pytest.raises(APIError):
+            asyncio.run(load_image(url, limits, 0))
+
+
+def test_single_frame_gif_webp_jpeg_are_accepted():
+    from serving.images import decode_image
+
+    for fmt in ("GIF", "WEBP", "JPEG"):
+        buf = io.BytesIO()
+        random_image(30, 20, 2).save(buf, format=fmt)
+        assert decode_image(buf.getvalue(), ImageLimits(), 0).size == (30, 20)

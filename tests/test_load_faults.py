@@ -8,7 +8,7 @@ import time
 
 import ray
 
-from tests.load import run_load
+from benchmarks.loadgen import run_load
 
 
 def test_load_every_request_completes(served):

@@ -34,3 +34,40 @@ def test_client_disconnect_aborts_and_frees_blocks(served):
     assert stats["kv_usage"] == 0.0 and stats["free_blocks"] == stats["num_blocks"]
     # the generation stopped early instead of running to max_tokens in the background
     assert stats["generation_tokens"] - before < 1500
+
+
+def test_backpressure_bounded_queue_then_503_with_retry_after(served, mistral_12b):
+    """A decoder that takes one sequence and queues two more: the rest are refused at once."""
+    import asyncio
+
+    from ray import serve
+
+    from serving.app import build_app
+    from tests.helpers import wait_healthy
+
+    args = {"model": str(mistral_12b), "served_model_name": "pixtral-bp",
+            "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
+            "vision": {"num_cpus": 0.1, "num_replicas": 1},
+            "decoder": {"cpus_per_rank": 0.3, "kv_cache_bytes": 16 << 20, "max_num_seqs": 1, "max_queued_requests": 2},
+            "max_model_len": 2048}
+    serve.run(build_app(args), name="bp", route_prefix="/bp", blocking=False)
+    base = served + "/bp"
+    wait_healthy(base)
+    body = {"model": "pixtral-bp", "max_tokens": 200, "temperature": 0,
+            "messages": [{"role": "user", "content": "busy"}]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(base + "/v1/chat/completions", json=body) for _ in range(12)))
+
+    try:
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        refused = [r for r in responses if r.status_code == 503]
+        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 3, codes
+        assert all(r.headers.get("retry-after") and r.json()["error"]["code"] == "overloaded" for r in refused), \
+            [(r.headers, r.text[:200]) for r in refused[:2]]
+        after = httpx.post(base + "/v1/chat/completions", json=dict(body, max_tokens=2), timeout=60)
+        assert after.status_code == 200  # the queue drained; the server answers normally
+    finally:
+        serve.delete("bp")

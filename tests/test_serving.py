@@ -74,6 +74,16 @@ def test_seed_request_shapes(client):
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 5
 
 
+def test_n_choices_with_seed(client):
+    r = client.chat.completions.create(model=MODEL, n=2, seed=11, temperature=1.0, max_tokens=4,
+                                       messages=[{"role": "user", "content": "two answers"}])
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == sum(4 for _ in r.choices)
+    again = client.chat.completions.create(model=MODEL, n=2, seed=11, temperature=1.0, max_tokens=4,
+                                           messages=[{"role": "user", "content": "two answers"}])
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+
+
 def test_http_greedy_equals_engine(client, mistral_12b):
     img = random_image(70, 40, 5)
     r = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0, logprobs=True, messages=[
@@ -122,6 +132,12 @@ def user_image(url: str) -> dict:
 SVG = "data:image/svg+xml;base64," + base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode()
 PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\n%%EOF").decode()
 
+def bomb_png() -> str:
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")  # ~400M pixels in a few hundred KB
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 REFUSALS = [
     ("bad json", b"{not json", 400),
     ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
@@ -134,6 +150,13 @@ REFUSALS = [
     ("pdf", user_image(PDF), 400),
     ("animated gif", user_image(gif_animated()), 400),
     ("truncated png", user_image(truncated_png()), 400),
+    ("decompression bomb", user_image(bomb_png()), 400),
+    ("oversized body", {"model": MODEL, "messages": [{"role": "user", "content": "x" * (9 << 20)}]}, 413),
+    ("top_p", {"model": MODEL, "top_p": 0, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("top_logprobs", {"model": MODEL, "logprobs": True, "top_logprobs": 21,
+                      "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("presence_penalty", {"model": MODEL, "presence_penalty": 2.5, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("n", {"model": MODEL, "n": 0, "messages": [{"role": "user", "content": "hi"}]}, 400),
     ("loopback url", user_image("http://127.0.0.1:1/x.png"), 400),
     ("metadata url", user_image("http://169.254.169.254/latest/meta-data"), 400),
     ("file url", user_image("file:///etc/passwd"), 400),

@@ -1,4 +1,4 @@
-"""A bounded loopback load generator shared by the load/fault tests and benchmarks/load.py."""
+"""A bounded loopback load generator, shared by benchmarks/load.py and the load and fault tests."""
 
 from __future__ import annotations
 

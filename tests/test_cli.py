@@ -1,0 +1,27 @@
+"""The pixtral-serve command line turns flags into the application config."""
+
+from __future__ import annotations
+
+from serving.cli import config_from_args, parse_args
+
+
+def test_flags_override_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXTRAL_SERVE_CACHE", str(tmp_path / "cache"))
+    cfg = config_from_args(parse_args([
+        "--model", "/models/x", "--tensor-parallel-size", "8", "--device", "cuda", "--dtype", "bfloat16",
+        "--vision-replicas", "auto", "--vision-max-replicas", "6", "--max-model-len", "32768",
+        "--max-images", "4", "--api-key", "k1", "--api-key", "k2", "--served-model-name", "pixtral-large-2411",
+        "--model-alias", "pixtral-large-latest"]))
+    assert cfg.model == "/models/x" and cfg.decoder.tensor_parallel_size == 8
+    assert (cfg.device, cfg.dtype, cfg.max_model_len) == ("cuda", "bfloat16", 32768)
+    assert cfg.vision.num_replicas == "auto" and cfg.vision.max_replicas == 6
+    assert cfg.images.max_images == 4 and cfg.api_keys == ["k1", "k2"]
+    assert cfg.model_names == ["pixtral-large-2411", "pixtral-large-latest"]
+
+
+def test_no_model_means_the_cached_tiny_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXTRAL_SERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("PIXTRAL_SERVE_API_KEYS", raising=False)
+    cfg = config_from_args(parse_args([]))
+    assert cfg.model == str(tmp_path / "tiny-12b") and (tmp_path / "tiny-12b" / "params.json").exists()
+    assert "pixtral-12b-2409" in cfg.model_names and cfg.api_keys == []
