@@ -108,7 +108,8 @@ def write_hf(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Path, o
     return out
 
 
-def convert(src: Path, dst: Path) -> Path:
+def convert(src: str | Path, dst: str | Path) -> Path:
+    src, dst = Path(src), Path(dst)
     args = load_model_args(src)
     state = {name: t for name, t, _ in iter_checkpoint(src, args)}
     writer = write_hf if (src / MISTRAL_PARAMS).exists() else write_mistral
