@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-import time
 
 from benchmarks.loadgen import run_load
 

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.metrics import DEFINITIONS, exported_names

@@ -103,7 +103,6 @@ def test_vision_pool_scales_up_under_burst_and_back_down(second_app):
 
 
 def test_logs_never_hold_keys_or_image_bytes(second_app):
-    import ray
 
     body = image_body(4242)
     url = body["messages"][0]["content"][0]["image_url"]["url"]

@@ -10,10 +10,8 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from model import load_model
