@@ -69,9 +69,9 @@ class ChatTokenizer:
         messages = []
         for m in request.messages:
             if m.role in ("system", "developer"):
-                messages.append(SystemMessage(content=_text_only(m.content, m.role)))
+                messages.append(SystemMessage(content=_text_only(m.content)))
             elif m.role == "assistant":
-                messages.append(AssistantMessage(content=_text_only(m.content, m.role)))
+                messages.append(AssistantMessage(content=_text_only(m.content)))
             else:
                 messages.append(UserMessage(content=_user_chunks(m.content, sizes)))
         try:
@@ -84,7 +84,7 @@ class ChatTokenizer:
         return EncodedPrompt(list(encoded.tokens), per_image)
 
 
-def _text_only(content, role: str) -> str:
+def _text_only(content) -> str:
     if isinstance(content, str):
         return content
     return "".join(p.text for p in content)
@@ -96,8 +96,8 @@ def _user_chunks(content, sizes) -> list:
     chunks = []
     for part in content:
         if isinstance(part, ImagePart):
-            # a stand-in of the right size: the size-only encoder reads nothing else
-            chunks.append(ImageChunk(image=Image.new("RGB", next(sizes))))
+            # a 1-bit stand-in of the right size: the size-only encoder reads nothing else
+            chunks.append(ImageChunk(image=Image.new("1", next(sizes))))
         else:
             chunks.append(TextChunk(text=part.text))
     return chunks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 from ray import serve
@@ -68,7 +68,7 @@ class VisionEncoderServer:
         self.cache = EncoderCache(cfg.vision.cache_bytes)
         self._encode_batch.set_max_batch_size(cfg.vision.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+        self.recent_batch_sizes: deque[int] = deque(maxlen=256)  # bounded: a replica runs for weeks
 
     async def encode(self, payload: ImagePayload) -> ImageFeatures:
         cached = self.cache.get(payload.content_hash)
@@ -81,7 +81,7 @@ class VisionEncoderServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
-        self.batch_sizes.append(len(payloads))
+        self.recent_batch_sizes.append(len(payloads))
         start = time.perf_counter()
         features = await asyncio.to_thread(self._encode_now, payloads)
         metric("pixtral_vision_encode_latency_seconds").observe(time.perf_counter() - start, tags=self.tags)
@@ -100,7 +100,7 @@ class VisionEncoderServer:
     def stats(self) -> dict:
         import ray
 
-        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "batch_sizes": list(self.batch_sizes),
+        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "recent_batch_sizes": list(self.recent_batch_sizes),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
