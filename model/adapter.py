@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers.linear import Linear
+
 
 class VisionLanguageAdapter(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, bias: bool) -> None:
         super().__init__()
-        self.w_in = nn.Linear(in_dim, out_dim, bias=bias)
-        self.w_out = nn.Linear(out_dim, out_dim, bias=bias)
+        self.w_in = Linear(in_dim, out_dim, bias=bias)
+        self.w_out = Linear(out_dim, out_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(F.gelu(self.w_in(x)))  # exact (erf) GELU
@@ -27,7 +29,7 @@ class PatchMerger(nn.Module):
     def __init__(self, dim: int, merge: int) -> None:
         super().__init__()
         self.merge = merge
-        self.merging_layer = nn.Linear(dim * merge * merge, dim, bias=False)
+        self.merging_layer = Linear(dim * merge * merge, dim, bias=False)
 
     def forward(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         merged = []

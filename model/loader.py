@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from model.config import MISTRAL_PARAMS, ModelArgs, load_model_args
-from model.layers.linear import MergedColumnParallelLinear, copy_checked
+from model.layers.linear import MergedColumnParallelLinear, copy_checked, pack_linear_weights
 from model.parallel import SINGLE, ParallelContext
 from model.pixtral import PixtralModel
 from model.vision_encoder import VisionEncoder
@@ -170,6 +170,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
     model.to(dtype=dtype)
     model.to_empty(device=device)
     load_weights(model, checkpoint_dir)
+    pack_linear_weights(model)  # CPU only; after the last change to the weights
     return model.eval()
 
 
@@ -185,6 +186,7 @@ def load_vision_encoder(checkpoint_dir: str | Path, device: str | torch.device =
     encoder.to_empty(device=device)
     prefix = "vision_encoder."
     _load_into(encoder, iter_checkpoint(checkpoint_dir, args, lambda n: n.startswith(prefix)), checkpoint_dir, prefix)
+    pack_linear_weights(encoder)
     return encoder.eval()
 
 

@@ -1,7 +1,7 @@
 """Pixtral vision encoder (ViT): images of any size -> one pre-adapter feature per 16x16 patch.
 
 Data parallel only: every GPU of the vision pool holds a full replica, so the layers are plain
-nn.Linear (no tensor-parallel shards).
+(unsharded) linear layers.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VisionEncoderArgs
+from model.layers.linear import Linear
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rope, rope_angles_2d
 
@@ -21,10 +22,10 @@ class VisionAttention(nn.Module):
     def __init__(self, args: VisionEncoderArgs) -> None:
         super().__init__()
         self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
-        self.wq = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
-        self.wk = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
-        self.wv = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
-        self.wo = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.wq = Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.wk = Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.wv = Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.wo = Linear(args.hidden_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, same_image: torch.Tensor | None) -> torch.Tensor:
         n = x.shape[0]
@@ -40,9 +41,9 @@ class VisionAttention(nn.Module):
 class VisionFeedForward(nn.Module):
     def __init__(self, args: VisionEncoderArgs) -> None:
         super().__init__()
-        self.w1 = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)  # gate
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)  # down
-        self.w3 = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)  # up
+        self.w1 = Linear(args.hidden_size, args.intermediate_size, bias=False)  # gate
+        self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=False)  # down
+        self.w3 = Linear(args.hidden_size, args.intermediate_size, bias=False)  # up
         self.act = F.silu if args.hidden_act == "silu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

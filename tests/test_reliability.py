@@ -64,7 +64,9 @@ def test_backpressure_bounded_queue_then_503_with_retry_after(served, mistral_12
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
         refused = [r for r in responses if r.status_code == 503]
-        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 3, codes
+        # Serve counts a request as queued until a replica has taken it, so a burst can be refused
+        # once max_queued_requests (2) are being handed over, before the replica's 2 slots fill.
+        assert set(codes) <= {200, 503} and refused and codes.count(200) >= 2, codes
         assert all(r.headers.get("retry-after") and r.json()["error"]["code"] == "overloaded" for r in refused), \
             [(r.headers, r.text[:200]) for r in refused[:2]]
         after = httpx.post(base + "/v1/chat/completions", json=dict(body, max_tokens=2), timeout=60)

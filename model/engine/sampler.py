@@ -43,9 +43,12 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int],
     """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for)."""
     assert logits.shape[0] == len(states), (logits.shape, len(states))
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in states) else None
+    # Plain greedy rows (the common case) take one batched argmax instead of one call per row.
+    plain = [s.params.greedy and not (s.params.has_penalties and s.counts) for s in states]
+    argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
     tokens = []
-    for row, state in zip(logits, states):
-        tokens.append(_sample_row(_apply_penalties(row, state), state))
+    for i, (row, state) in enumerate(zip(logits, states)):
+        tokens.append(argmax[i] if plain[i] else _sample_row(_apply_penalties(row, state), state))
         state.counts[tokens[-1]] += 1
     infos = [None if not s.params.logprobs else _logprobs(raw_logprobs[i], tokens[i], s.params.top_logprobs)
              for i, s in enumerate(states)]

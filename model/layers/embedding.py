@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers.linear import copy_checked, linear
+from model.layers.linear import PackableLinear, copy_checked, linear
 from model.parallel import SINGLE, ParallelContext
 
 
@@ -32,8 +32,8 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackableLinear, VocabParallelEmbedding):
     """Untied output projection sharded over the vocabulary; logits gathered in fp32."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last_dim(linear(hidden, self.weight).float())
+        return self.tp.all_gather_last_dim(linear(hidden, self.weight, packed=self.packed_weight).float())
