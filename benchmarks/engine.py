@@ -3,8 +3,10 @@
     python benchmarks/engine.py                      # dim 1024, 8 layers, real 131k vocab
     python benchmarks/engine.py --output 32 --concurrency 1 8 32
 
-For each concurrency c, the same c requests run three ways:
+For each concurrency c, the same c requests run four ways:
   ours        all c submitted together to the engine (continuous batching, paged KV cache)
+  ours-blas   the same, with the CPU weight packing turned off (the plain matmul transformers uses),
+              to separate what the scheduler wins from what the packed oneDNN matmul wins
   hf-serial   transformers generate, one request at a time (measured on min(c, --serial-cap) of them)
   hf-batch    transformers generate on one left-padded batch of all c prompts
 and the table prints output tokens/s and the ratios. Greedy, fp32, CPU.
@@ -22,12 +24,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from model import load_model
 from model.engine.local_executor import build_local_engine
 from model.engine.sampling_params import SamplingParams
+from model.layers.linear import PackableLinear, pack_linear_weights
 from model.tiny import make_tiny_checkpoint
 
 
@@ -43,6 +48,18 @@ def output_lengths(n: int, output: int, equal: bool, seed: int) -> list[int]:
         return [output] * n
     gen = torch.Generator().manual_seed(seed + 1)
     return torch.randint(output // 2, output * 3 // 2 + 1, (n,), generator=gen).tolist()
+
+
+@contextmanager
+def unpacked(model) -> Iterator[None]:
+    """Run the model's linear layers on the plain matmul path for a while."""
+    for module in model.modules():
+        if isinstance(module, PackableLinear):
+            module.packed_weight = None
+    try:
+        yield
+    finally:
+        pack_linear_weights(model)
 
 
 def run_ours(engine, prompts: list[list[int]], lengths: list[int]) -> float:
@@ -105,17 +122,22 @@ def main() -> None:
                                         enable_prefix_caching=False, max_num_seqs=max(c, 1))
             run_ours(engine, prompts[:1], [4])  # warm-up
             ours = run_ours(engine, prompts, lengths)
+            with unpacked(ours_model):
+                blas = run_ours(engine, prompts, lengths)
             pairs = list(zip(prompts, lengths))[:ns.serial_cap]
             serial_time = sum(n / hf_generate(hf, [p], [n]) for p, n in pairs)
             serial = sum(n for _, n in pairs) / serial_time
             batch = hf_generate(hf, prompts, lengths)
-            rows.append((c, ours, serial, batch))
-            print(f"  c={c}: ours {ours:.1f} tok/s, hf-serial {serial:.1f}, hf-batch {batch:.1f}", flush=True)
+            rows.append((c, ours, blas, serial, batch))
+            print(f"  c={c}: ours {ours:.1f} tok/s, ours-blas {blas:.1f}, hf-serial {serial:.1f}, "
+                  f"hf-batch {batch:.1f}", flush=True)
     print()
-    print("| concurrency | ours tok/s | hf one-at-a-time tok/s | hf padded batch tok/s | ours / one-at-a-time | ours / padded batch |")
-    print("|---|---|---|---|---|---|")
-    for c, ours, serial, batch in rows:
-        print(f"| {c} | {ours:.1f} | {serial:.1f} | {batch:.1f} | {ours / serial:.2f}x | {ours / batch:.2f}x |")
+    print("| concurrency | ours tok/s | ours-blas tok/s | hf one-at-a-time tok/s | hf padded batch tok/s "
+          "| ours / one-at-a-time | ours / padded batch | ours-blas / padded batch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c, ours, blas, serial, batch in rows:
+        print(f"| {c} | {ours:.1f} | {blas:.1f} | {serial:.1f} | {batch:.1f} | {ours / serial:.2f}x "
+              f"| {ours / batch:.2f}x | {blas / batch:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from model.parallel import SINGLE, ParallelContext
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), through the CPU-packed copy of the weight when there is one."""
-    if packed is not None and x.dim() == 2 and x.dtype == packed.dtype:
+    if packed is not None and x.is_cpu and x.dim() == 2 and x.dtype == packed.dtype:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -31,8 +31,9 @@ class PackableLinear:
     """A layer whose `weight` is used as `x @ weight.T`, and may keep a CPU-packed copy of it.
 
     On CPU, oneDNN with the weight reordered once into its blocked layout runs these matmuls
-    about 2x faster than the BLAS path for decode-sized batches (1-32 rows) and ~1.4x for prefill,
-    still in exact fp32 arithmetic, and gives a row the same result whatever else is in the batch.
+    about 2x faster than the BLAS path for decode-sized batches (1-32 rows) and 1.2-1.4x for
+    prefill, still in plain fp32 arithmetic, and gives a row the same result whatever else is in
+    the batch (tests/test_layers.py).
     The packed copy is made by `pack_linear_weights` after loading (it does not follow later
     in-place changes of `weight`); GPUs never pack.
     """
