@@ -1,6 +1,6 @@
 """What the serving path costs, measured side by side in one run.
 
-    python benchmarks/serving.py [--requests 40] [--images 24]
+    python -m benchmarks.serving_overhead [--requests 40] [--images 24]
 
 1. Latency: the same short greedy request (8 output tokens) sent in turn to
      engine   the AsyncEngine called directly in this process,
