@@ -32,7 +32,7 @@ import torch
 from model import load_model
 from model.engine.local_executor import build_local_engine
 from model.engine.sampling_params import SamplingParams
-from model.layers.linear import PackableLinear, pack_linear_weights
+from model.layers.linear import pack_linear_weights
 from model.tiny import make_tiny_checkpoint
 
 
@@ -53,9 +53,7 @@ def output_lengths(n: int, output: int, equal: bool, seed: int) -> list[int]:
 @contextmanager
 def unpacked(model) -> Iterator[None]:
     """Run the model's linear layers on the plain matmul path for a while."""
-    for module in model.modules():
-        if isinstance(module, PackableLinear):
-            module.packed_weight = None
+    pack_linear_weights(model, enabled=False)
     try:
         yield
     finally:

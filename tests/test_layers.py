@@ -15,9 +15,13 @@ def test_loaded_model_packs_its_linear_layers(mistral_12b, dtype):
     assert layers and all(m.packed_weight is not None for m in layers), "a linear layer runs unpacked"
 
 
+@pytest.fixture(scope="module")
+def head(mistral_12b):
+    return load_model(mistral_12b, with_vision_encoder=False).output
+
+
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
-def test_packed_linear_equals_plain_and_ignores_batch_mates(mistral_12b, rows):
-    head = load_model(mistral_12b, with_vision_encoder=False).output
+def test_packed_linear_equals_plain_and_ignores_batch_mates(head, rows):
     x = torch.randn(rows, head.weight.shape[1], generator=torch.Generator().manual_seed(rows))
     out = linear(x, head.weight, packed=head.packed_weight)
     exact = (x.double() @ head.weight.double().T)

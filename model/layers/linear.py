@@ -40,18 +40,19 @@ class PackableLinear:
 
     packed_weight: torch.Tensor | None = None
 
-    def pack(self) -> None:
+    def pack(self, enabled: bool = True) -> None:
         self.packed_weight = None
-        if _can_pack(self.weight):
+        if enabled and _can_pack(self.weight):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
 
-def pack_linear_weights(model: nn.Module) -> int:
-    """Pack every PackableLinear of `model` for CPU inference; returns how many were packed."""
+def pack_linear_weights(model: nn.Module, enabled: bool = True) -> int:
+    """Pack every PackableLinear of `model` for CPU inference (enabled=False drops the packed
+    copies, back to the plain matmul); returns how many are packed."""
     packed = 0
     for module in model.modules():
         if isinstance(module, PackableLinear):
-            module.pack()
+            module.pack(enabled)
             packed += module.packed_weight is not None
     return packed
 
