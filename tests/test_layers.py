@@ -1,33 +1,105 @@
-"""The CPU-packed linear path: loaded models use it, it computes x @ W.T in fp32, batch-independently."""
+"""CPU linear layers: each dtype takes the path this CPU supports (oneDNN-packed weights, or the
+plain matmul where it cannot pack, e.g. bf16 without AVX-512), computes x @ W.T to its dtype's
+precision, and gives a row the same bits whatever else shares the batch.
+
+The suite runs on any CPU as it is, and with PIXTRAL_SERVE_CPU_PACKING=float32 it runs the way a
+CPU without AVX-512 does on one that has it."""
+
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import load_model
-from model.layers.linear import PackableLinear, linear
+from model.layers import linear as linear_module
+from model.layers.linear import PACKING_ENV, PackableLinear, linear, packing_path, packing_unsupported_reason
+
+DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loaded_model_packs_its_linear_layers(mistral_12b, dtype):
-    model = load_model(mistral_12b, dtype=dtype)
-    layers = [m for m in model.modules() if isinstance(m, PackableLinear)]
-    assert layers and all(m.packed_weight is not None for m in layers), "a linear layer runs unpacked"
+def packable_layers(model):
+    return [m for m in model.modules() if isinstance(m, PackableLinear)]
 
 
-@pytest.fixture(scope="module")
-def head(mistral_12b):
-    return load_model(mistral_12b, with_vision_encoder=False).output
+def test_bf16_packing_follows_what_pytorch_says_the_cpu_can_do(monkeypatch):
+    monkeypatch.delenv(PACKING_ENV, raising=False)
+    # PyTorch's own CPU check (AVX-512 BW/VL/DQ or AVX-NE-CONVERT) must agree with our probe,
+    # which packs and runs a tiny layer: on a CPU without the feature, bf16 takes the plain matmul.
+    assert packing_path(torch.bfloat16)[0] == torch.ops.mkldnn._is_mkldnn_bf16_supported(), \
+        packing_unsupported_reason(torch.bfloat16)
+    assert packing_path(torch.float32)[0] == torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loaded_model_takes_the_path_its_cpu_supports_and_logs_it(mistral_12b, dtype, monkeypatch, caplog):
+    monkeypatch.delenv(PACKING_ENV, raising=False)
+    linear_module._log_packing_path.cache_clear()
+    packs, why = packing_path(dtype)
+    with caplog.at_level(logging.INFO, logger=linear_module.__name__):
+        model = load_model(mistral_12b, dtype=dtype)
+    layers = packable_layers(model)
+    assert layers and all((m.packed_weight is not None) == packs for m in layers), (dtype, packs, why)
+    lines = [r.getMessage() for r in caplog.records if r.name == linear_module.__name__]
+    name = str(dtype).removeprefix("torch.")
+    assert len(lines) == 1 and lines[0].startswith(f"CPU linear layers in {name}: ") and why in lines[0], lines
+    assert ("packed at load" in lines[0]) == packs, lines
+    logits = model.logits_no_cache(torch.tensor([1, 3, 100, 200, 4]))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("setting, packed_dtypes", [("float32", {torch.float32}), ("none", set())])
+def test_environment_switch_forces_the_plain_path(mistral_12b, setting, packed_dtypes, monkeypatch):
+    """`float32` is what a CPU without AVX-512 gets; the suite can run that way on any CPU."""
+    monkeypatch.setenv(PACKING_ENV, setting)
+    for dtype in DTYPES:
+        layers = packable_layers(load_model(mistral_12b, dtype=dtype, with_vision_encoder=False))
+        expected = dtype in packed_dtypes and packing_unsupported_reason(dtype) is None
+        assert all((m.packed_weight is not None) == expected for m in layers), (setting, dtype)
+
+
+def test_bf16_plain_and_packed_models_agree_with_fp32(mistral_12b, monkeypatch):
+    """The plain bf16 path serves the same model: its logits track fp32's within bf16 precision."""
+    monkeypatch.setenv(PACKING_ENV, "float32")
+    tokens = torch.tensor([1, 3, 100, 200, 4, 9, 77])
+    reference = load_model(mistral_12b, dtype=torch.float32, with_vision_encoder=False).logits_no_cache(tokens)
+    plain = load_model(mistral_12b, dtype=torch.bfloat16, with_vision_encoder=False)
+    assert all(m.packed_weight is None for m in packable_layers(plain))
+    error = (plain.logits_no_cache(tokens) - reference).abs().max().item()
+    assert error <= 0.05 * reference.abs().max().item(), (error, reference.abs().max().item())
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=str)
+def head(request, mistral_12b):
+    """The LM head (131k x dim) as loaded on this CPU: packed, or plain where the CPU cannot pack."""
+    return load_model(mistral_12b, dtype=request.param, with_vision_encoder=False).output
+
+
+def bound(x: torch.Tensor, weight: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """How far from the float64 product a correct result in x's dtype may be, per element."""
+    if x.dtype == torch.float32:  # fp32 arithmetic: within a small factor of the BLAS path's error
+        blas = F.linear(x, weight).double()
+        return torch.full_like(exact, 4 * (blas - exact).abs().max().item() + 1e-7)
+    # bf16 inputs, fp32 accumulation, result rounded to bf16 (8 significant bits)
+    magnitude = x.double().abs() @ weight.double().abs().T
+    return 2.0 ** -8 * exact.abs() + 2.0 ** -20 * magnitude
 
 
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
-def test_packed_linear_equals_plain_and_ignores_batch_mates(head, rows):
-    x = torch.randn(rows, head.weight.shape[1], generator=torch.Generator().manual_seed(rows))
+def test_linear_is_exact_to_its_dtype_and_ignores_batch_mates(head, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, head.weight.shape[1], generator=gen).to(head.weight.dtype)
     out = linear(x, head.weight, packed=head.packed_weight)
-    exact = (x.double() @ head.weight.double().T)
-    plain = F.linear(x, head.weight)
-    # fp32 arithmetic: as close to the float64 product as the BLAS path is, within a small factor
-    assert (out.double() - exact).abs().max() <= 4 * (plain.double() - exact).abs().max() + 1e-7
-    # a row's result does not depend on which other rows share the call
+    assert out.dtype == head.weight.dtype
+    exact = x.double() @ head.weight.double().T
+    excess = (out.double() - exact).abs() - bound(x, head.weight, exact)
+    assert excess.max() <= 0, (head.weight.dtype, head.packed_weight is not None, excess.max().item())
     alone = linear(x[-1:], head.weight, packed=head.packed_weight)
-    assert torch.equal(alone[0], out[-1])
+    if head.packed_weight is not None or x.dtype == torch.bfloat16:
+        # a row's result does not depend on which other rows share the call: oneDNN's packed kernel,
+        # and PyTorch's own bf16 GEMM (what a CPU without AVX-512 runs), reduce each row alone
+        assert torch.equal(alone[0], out[-1]), (head.weight.dtype, head.packed_weight is not None)
+    else:
+        # fp32 unpacked (only with PIXTRAL_SERVE_CPU_PACKING set, or a PyTorch without oneDNN): MKL's
+        # sgemm switches kernels below 12 rows, so a row may differ from its batched result by rounding
+        assert (alone[0] - out[-1]).abs().max() <= bound(x[-1:], head.weight, exact[-1:]).max()

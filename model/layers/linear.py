@@ -7,11 +7,17 @@ qkv -> wo, feed-forward w1/w3 -> w2) needs exactly one all-reduce.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.parallel import SINGLE, ParallelContext
+
+log = logging.getLogger(__name__)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -22,9 +28,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# Which dtypes may pack: "auto" (every dtype this CPU supports), "none", or a comma-separated list
+# such as "float32" (what a CPU without AVX-512 gets). Read at each load, so a test run can force
+# the plain path on a CPU that could pack.
+PACKING_ENV = "PIXTRAL_SERVE_CPU_PACKING"
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def packing_unsupported_reason(dtype: torch.dtype) -> str | None:
+    """Why this CPU cannot run oneDNN's packed linear in `dtype`, or None when it can.
+
+    Asked once per dtype and process. oneDNN's bf16 reorder needs AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT and raises without them, so the honest test is to pack and run a tiny layer.
+    """
+    if dtype not in PACKABLE_DTYPES:
+        return f"oneDNN packing is only used for {', '.join(str(d) for d in PACKABLE_DTYPES)}"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return "this PyTorch build has no oneDNN (mkldnn)"
+    weight = torch.arange(24, dtype=torch.float32).reshape(4, 6).to(dtype)
+    x = torch.ones(2, 6, dtype=dtype)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError as error:  # oneDNN names the missing CPU feature
+        return str(error).splitlines()[0]
+    if not torch.equal(out, F.linear(x, weight)):  # small integers: exact in either dtype
+        return "oneDNN's packed linear gave a wrong result in a self-check"
+    return None
+
+
+def packing_path(dtype: torch.dtype) -> tuple[bool, str]:
+    """(whether CPU weights of `dtype` are packed, why) under this CPU and PIXTRAL_SERVE_CPU_PACKING."""
+    wanted = os.environ.get(PACKING_ENV, "auto").strip().lower() or "auto"
+    name = str(dtype).removeprefix("torch.")
+    if wanted != "auto" and name not in {d.strip() for d in wanted.split(",")}:
+        return False, f"{PACKING_ENV}={wanted}"
+    reason = packing_unsupported_reason(dtype)
+    return reason is None, reason or "supported by this CPU"
+
+
+@functools.cache
+def _log_packing_path(dtype: torch.dtype, packed: bool, why: str) -> None:
+    """One line per dtype and path per process, at load time."""
+    path = "oneDNN matmul on weights packed at load" if packed else "plain matmul (torch.nn.functional.linear)"
+    log.info("CPU linear layers in %s: %s (%s)", str(dtype).removeprefix("torch."), path, why)
 
 
 class PackableLinear:
@@ -35,25 +83,29 @@ class PackableLinear:
     prefill, still in plain fp32 arithmetic, and gives a row the same result whatever else is in
     the batch (tests/test_layers.py).
     The packed copy is made by `pack_linear_weights` after loading (it does not follow later
-    in-place changes of `weight`); GPUs never pack.
+    in-place changes of `weight`); GPUs never pack, and neither does a dtype this CPU cannot
+    pack (bf16 without AVX-512): those take the plain matmul.
     """
 
     packed_weight: torch.Tensor | None = None
 
     def pack(self, enabled: bool = True) -> None:
         self.packed_weight = None
-        if enabled and _can_pack(self.weight):
+        if enabled and self.weight.device.type == "cpu" and packing_path(self.weight.dtype)[0]:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
 
 def pack_linear_weights(model: nn.Module, enabled: bool = True) -> int:
     """Pack every PackableLinear of `model` for CPU inference (enabled=False drops the packed
-    copies, back to the plain matmul); returns how many are packed."""
+    copies, back to the plain matmul); returns how many are packed. Logs once per dtype which
+    path its CPU layers take."""
     packed = 0
     for module in model.modules():
         if isinstance(module, PackableLinear):
             module.pack(enabled)
             packed += module.packed_weight is not None
+            if enabled and module.weight.device.type == "cpu":
+                _log_packing_path(module.weight.dtype, *packing_path(module.weight.dtype))
     return packed
 
 
