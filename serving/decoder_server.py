@@ -15,11 +15,12 @@ import torch
 from ray import serve
 
 from model.engine.async_engine import AsyncEngine, EngineDeadError
-from model.engine.llm_engine import RequestError, RequestOutput
+from model.engine.llm_engine import RequestError, RequestFailure, RequestOutput
 from model.engine.local_executor import KVBudget, build_local_engine
 from model.engine.model_runner import ImageFeatures
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
+from serving.logs import setup_logging
 from serving.metrics import count, metric
 
 
@@ -31,9 +32,14 @@ class GenerateRequest:
     image_hashes: list[str]
 
 
+def _failed(request: GenerateRequest, failure: RequestFailure) -> RequestOutput:
+    return RequestOutput(request.request_id, [], "", finished=True, finish_reason="error", failure=failure)
+
+
 @serve.deployment(name="Decoder")
 class DecoderServer:
     def __init__(self, config: dict) -> None:
+        setup_logging()
         cfg = AppConfig.from_dict(config)
         d = cfg.decoder
         kv = KVBudget(gpu_memory_utilization=d.gpu_memory_utilization, cpu_bytes=d.kv_cache_bytes)
@@ -92,9 +98,9 @@ class DecoderServer:
                     metric("pixtral_queue_time_seconds").observe(out.queue_time_s, tags=self.tags)
                 yield out
         except RequestError as exc:
-            yield RequestOutput(request.request_id, [], "", finished=True, finish_reason=f"error:{exc}")
+            yield _failed(request, RequestFailure("invalid", str(exc)))
         except EngineDeadError as exc:
-            yield RequestOutput(request.request_id, [], "", finished=True, finish_reason=f"unavailable:{exc}")
+            yield _failed(request, RequestFailure("unavailable", str(exc), exc.retryable))
 
     def stats(self) -> dict:
         return vars(self.engine.stats())

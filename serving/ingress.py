@@ -28,6 +28,7 @@ from model.config import find_tokenizer_file, load_model_args
 from model.engine.llm_engine import RequestOutput
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
+from serving.logs import setup_logging
 from serving.decoder_server import GenerateRequest
 from serving.images import DecodedImage, load_image, too_many_images
 from serving.metrics import count, metric
@@ -102,8 +103,13 @@ async def _unavailable_as_503(stream) -> AsyncIterator:
                        headers={"Retry-After": "2"}) from None
     except (RayError, RayServeException) as exc:
         log.warning("decoder call failed: %s", type(exc).__name__)
-        raise APIError(503, "the model is unavailable (a replica is restarting); retry shortly", "server_error",
-                       code="model_unavailable", headers={"Retry-After": "5"}) from None
+        raise _model_unavailable("the model is unavailable (a replica is restarting); retry shortly",
+                                 retryable=True) from None
+
+
+def _model_unavailable(message: str, retryable: bool) -> APIError:
+    return APIError(503, message, "server_error", code="model_unavailable", headers={"Retry-After": "5"},
+                    retryable=retryable)
 
 
 def _cancel(stream) -> None:
@@ -136,18 +142,21 @@ async def _started(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[Reques
 
 
 def _raise_for_engine_error(out: RequestOutput) -> None:
-    reason = out.finish_reason or ""
-    if reason.startswith("error:"):
-        raise bad_request(reason.removeprefix("error:"), param="messages")
-    if reason.startswith("unavailable:"):
-        raise APIError(503, "the model is restarting; retry shortly", "server_error", code="model_unavailable",
-                       headers={"Retry-After": "5"})
+    failure = out.failure
+    if failure is None:
+        return
+    if failure.kind == "invalid":
+        raise bad_request(failure.message, param="messages")
+    if failure.kind == "failed":  # this request alone; the engine and its other requests carry on
+        raise APIError(500, failure.message, "server_error", code="request_failed")
+    raise _model_unavailable("the model is restarting; retry shortly", failure.retryable)
 
 
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, config: dict, vision: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        setup_logging()
         self.cfg = AppConfig.from_dict(config)
         self.vision = vision
         self.decoder = decoder
@@ -318,7 +327,9 @@ class OpenAIIngress:
                     yield out
                 return
             except APIError as exc:
-                if exc.code != "model_unavailable" or last is not None or attempt == RETRIES:
+                # only a replica that failed before this request ran is retried: never an error the
+                # request caused, nor one after tokens were sent
+                if not exc.retryable or last is not None or attempt == RETRIES:
                     raise
                 log.warning("retrying %s after a replica failure (attempt %d)", request_id, attempt + 1)
                 await asyncio.sleep(0.5 * (attempt + 1))

@@ -18,11 +18,12 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model.config import load_model_args
-from model.engine.llm_engine import LLMEngine
+from model.engine.llm_engine import ExecutorDeadError, LLMEngine
 from model.engine.local_executor import KVBudget, engine_config_for, tokenizer_decode
 from model.engine.model_runner import ModelRunner, StepInput, StepOutput
 from model.loader import load_model
 from model.parallel import init_distributed
+from serving.logs import setup_logging
 
 
 @dataclass
@@ -47,6 +48,7 @@ def placement_bundles(tensor_parallel_size: int, resources: RankResources) -> li
 class RankWorker:
     def __init__(self, checkpoint: str, rank: int, world_size: int, init_method: str, device: str,
                  dtype: str, cpu_threads: int) -> None:
+        setup_logging()
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         backend = "nccl" if device == "cuda" else "gloo"
@@ -102,15 +104,20 @@ class RayTPExecutor:
         ray.get([w.init_cache.remote(self.num_blocks, block_size) for w in self.workers])
 
     def execute(self, step: StepInput) -> StepOutput:
+        """Every failure here stops the group: a rank that raised may have left the others waiting
+        in a collective, so no later step could be trusted to line up (ExecutorDeadError)."""
         refs = [w.execute.remote(step) for w in self.workers]
         # Fail fast: if one rank dies, the others wait in a collective forever; do not wait on them.
         pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=self.step_timeout_s)
-            if not ready:
-                raise TimeoutError(f"a tensor-parallel step took over {self.step_timeout_s}s")
-            ray.get(ready[0])  # raises if that rank failed
-        return ray.get(refs[0])  # rank 0 samples; the other ranks return empty outputs
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=self.step_timeout_s)
+                if not ready:
+                    raise TimeoutError(f"a tensor-parallel step took over {self.step_timeout_s}s")
+                ray.get(ready[0])  # raises if that rank failed
+            return ray.get(refs[0])  # rank 0 samples; the other ranks return empty outputs
+        except Exception as exc:
+            raise ExecutorDeadError(f"a tensor-parallel rank failed: {type(exc).__name__}") from exc
 
     def full_logits(self, tokens: list[int]) -> torch.Tensor:
         return ray.get([w.full_logits.remote(tokens) for w in self.workers])[0]

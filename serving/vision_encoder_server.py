@@ -17,6 +17,7 @@ from model.engine.model_runner import ImageFeatures
 from model.image_processing import normalize, resize
 from model.loader import load_vision_encoder
 from serving.config import AppConfig
+from serving.logs import setup_logging
 from serving.images import ImagePayload
 from serving.metrics import metric
 
@@ -61,6 +62,7 @@ class EncoderCache:
 @serve.deployment(name="VisionEncoder")
 class VisionEncoderServer:
     def __init__(self, config: dict) -> None:
+        setup_logging()
         cfg = AppConfig.from_dict(config)
         self.tags = {"model": cfg.served_model_name}
         self.device = torch.device("cuda" if cfg.device == "cuda" else "cpu")

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from model.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from model.engine.llm_engine import EngineStats, LLMEngine, RequestError, RequestOutput
 from model.engine.model_runner import ImageFeatures
 from model.engine.sampling_params import SamplingParams
 
@@ -21,7 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine's step failed (for example a tensor-parallel rank died); it takes no more work."""
+    """The engine stopped (a tensor-parallel rank died, the device failed); it takes no more work.
+
+    `retryable`: this request was not in the step that stopped the engine, so it cannot have caused
+    it and another replica may run it. A request that was in that step is not retried: if it was
+    the cause, a retry would take down the next replica too.
+    """
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -93,10 +102,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except BaseException as exc:  # the step failed: no request can make progress
-                log.exception("engine step failed")
+            except BaseException as exc:  # the executor failed (a request's own faults fail it alone)
+                log.exception("engine stopped")
                 self.error = exc
-                self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+                self._fail_all(f"the engine stopped: {type(exc).__name__}", self.engine.in_step)
                 return
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -115,11 +124,11 @@ class AsyncEngine:
             _, request_id, tokens, params, images, hashes = command
             try:
                 self.engine.add_request(request_id, tokens, params, images, hashes)
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - a malformed request is refused, alone
                 stream = self._streams.get(request_id)
                 if stream is not None:
-                    stream.put(exc)
+                    stream.put(exc if isinstance(exc, RequestError) else RequestError(f"malformed request: {exc!r}"))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for stream in list(self._streams.values()):
-            stream.put(exc)
+    def _fail_all(self, message: str, in_step: set[str]) -> None:
+        for request_id, stream in list(self._streams.items()):
+            stream.put(EngineDeadError(message, retryable=request_id not in in_step))

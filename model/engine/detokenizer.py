@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"
+MAX_PENDING_TOKENS = 8
 
 
 class IncrementalDetokenizer:
@@ -28,7 +29,11 @@ class IncrementalDetokenizer:
         self.ids.append(token)
         before = self.decode(self.ids[self.prefix_offset:self.read_offset])
         after = self.decode(self.ids[self.prefix_offset:])
-        if after.endswith(REPLACEMENT) or len(after) <= len(before):
+        pending = len(self.ids) - self.read_offset
+        # An incomplete character waits for its next bytes, but a UTF-8 character has at most 4:
+        # past MAX_PENDING_TOKENS the bytes are invalid (released as U+FFFD) or invisible, and the
+        # tail moves on, so the text decoded per step stays short (no quadratic re-decoding).
+        if pending < MAX_PENDING_TOKENS and (after.endswith(REPLACEMENT) or len(after) <= len(before)):
             return self._release(final=False)  # incomplete character, or nothing visible yet
         search_from = max(len(self.text) - self.holdback, 0)
         self.text += after[len(before):]

@@ -27,6 +27,14 @@ class Executor(Protocol):
     def execute(self, step: StepInput) -> StepOutput: ...
 
 
+class ExecutorDeadError(RuntimeError):
+    """The executor cannot run another step: a tensor-parallel rank died, or the device is lost.
+
+    Executors raise this for faults of their own; any other exception from a step is taken to
+    belong to one of the step's requests, which the engine then finds and fails alone.
+    """
+
+
 @dataclass
 class EngineConfig:
     num_blocks: int
@@ -39,6 +47,7 @@ class EngineConfig:
     image_token_id: int = 10
     image_end_token_id: int = 13
     spatial_merge_size: int = 1
+    vocab_size: int | None = None  # prompts with ids outside [0, vocab_size) are refused
 
     def __post_init__(self) -> None:
         capacity = self.num_blocks * self.block_size
@@ -53,17 +62,33 @@ class RequestError(ValueError):
 
 
 @dataclass
+class RequestFailure:
+    """Why a request ended without finishing normally (`RequestOutput.failure`).
+
+    kind: "invalid" (the request cannot run: a client error), "failed" (its step raised and the
+    request failed alone; the engine and its other requests carry on) or "unavailable" (the
+    engine stopped). `retryable`: another replica may take it, because it was not running in the
+    step that stopped the engine (so it cannot have caused that).
+    """
+
+    kind: str
+    message: str
+    retryable: bool = False
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     token_ids: list[int]  # new tokens since the previous output
     text: str  # new final text since the previous output
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     queue_time_s: float | None = None  # on a request's first output: wait before its first step
+    failure: RequestFailure | None = None  # with finish_reason "error"
 
 
 @dataclass
@@ -98,6 +123,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._finished_ids: list[int] = []  # sequences whose runner state can go
         self._aborted: list[RequestOutput] = []
+        self.in_step: set[str] = set()  # request ids of the step being run (blamed if it kills the executor)
+        self.failed_requests_total = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -108,6 +135,9 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
+        vocab = self.config.vocab_size
+        if vocab is not None and not all(0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"the prompt has token ids outside this model's vocabulary [0, {vocab})")
         if len(prompt_token_ids) >= self.config.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
                                f"length is {self.config.max_model_len} (prompt plus at least one generated token)")
@@ -153,10 +183,54 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         chunks = self.scheduler.schedule()
-        result = self.executor.execute(self._step_input(chunks))
-        outputs = self._postprocess(chunks, result)
+        step = self._step_input(chunks)
+        self.in_step = {c.seq.request_id for c in chunks}
+        try:
+            result = self.executor.execute(step)
+        except ExecutorDeadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one of the step's requests is at fault, not the engine
+            log.warning("a step of %d sequences failed (%s); running them one at a time to find which",
+                        len(chunks), _describe(exc))
+            self._finished_ids[:0] = step.finished  # the failed step may not have released them
+            outputs = self._isolate(chunks, step)
+        else:
+            outputs = self._postprocess(chunks, result)
+        self.in_step = set()
         outputs, self._aborted = self._aborted + outputs, []
         return outputs
+
+    def _isolate(self, chunks: list[ScheduledChunk], step: StepInput) -> list[RequestOutput]:
+        """Rerun a failed step one sequence at a time: the sequences that fail alone fail alone.
+
+        Safe to repeat: a sequence's chunk rewrites the same KV slots, and sampling is the last
+        thing a step does (a failed step sampled nothing).
+        """
+        outputs = []
+        for chunk, message in zip(chunks, step.chunks):
+            seq_id = message.seq_id
+            alone = StepInput([message], {k: v for k, v in step.new_sequences.items() if k == seq_id},
+                              {k: v for k, v in step.new_images.items() if k == seq_id})
+            try:
+                result = self.executor.execute(alone)
+            except ExecutorDeadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this request's own fault
+                log.error("request %s failed in the engine: %s", chunk.seq.request_id, _describe(exc))
+                outputs.append(self._fail(self.requests[chunk.seq.request_id], _describe(exc)))
+                continue
+            outputs += self._postprocess([chunk], result)
+        return outputs
+
+    def _fail(self, req: _Request, message: str) -> RequestOutput:
+        """End one request with an error; the engine and every other request carry on."""
+        self.failed_requests_total += 1
+        self.scheduler.finish(req.seq, "error")
+        self._finished_ids.append(req.seq.seq_id)
+        del self.requests[req.seq.request_id]
+        out = self._output(req, [], req.detok.flush(), [], finished=True)
+        out.failure = RequestFailure("failed", f"the request failed in the engine ({message})")
+        return out
 
     def _step_input(self, chunks: list[ScheduledChunk]) -> StepInput:
         step = StepInput([], finished=self._finished_ids)
@@ -190,9 +264,17 @@ class LLMEngine:
             if not c.samples:
                 continue
             token, logprobs = next(sampled)
+            req = self.requests[seq.request_id]
+            if seq.seq_id in result.failed:
+                outputs.append(self._fail(req, result.failed[seq.seq_id]))
+                continue
             seq.output_token_ids.append(token)
             self.generation_tokens_total += 1
-            outputs.append(self._advance(self.requests[seq.request_id], token, logprobs))
+            try:
+                outputs.append(self._advance(req, token, logprobs))
+            except Exception as exc:  # noqa: BLE001 - e.g. detokenizing this request's text
+                log.error("request %s failed after its step: %s", seq.request_id, _describe(exc))
+                outputs.append(self._fail(req, _describe(exc)))
         return outputs
 
     def _advance(self, req: _Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
@@ -235,3 +317,9 @@ class LLMEngine:
             for out in self.step():
                 collected.setdefault(out.request_id, []).append(out)
         return collected
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a log or an error message: the type and the first line of the message."""
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelArgs
-from model.engine.llm_engine import EngineConfig, LLMEngine
+from model.engine.llm_engine import EngineConfig, ExecutorDeadError, LLMEngine
 from model.engine.model_runner import ModelRunner, StepInput, StepOutput, kv_block_bytes
 from model.loader import load_model
 from model.pixtral import PixtralModel
@@ -37,12 +37,32 @@ class KVBudget:
         return blocks
 
 
+# A CUDA error other than out-of-memory leaves the context unusable ("sticky"): no later step can
+# succeed in this process, so the engine must stop and the replica be replaced.
+DEVICE_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "NCCL error", "device-side assert",
+                        "illegal memory access")
+
+
+def is_device_fatal(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False  # the allocator recovers; the step that asked too much fails alone
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in DEVICE_FATAL_MARKERS)
+
+
 class LocalExecutor:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
     def execute(self, step: StepInput) -> StepOutput:
-        return self.runner.execute(step)
+        try:
+            return self.runner.execute(step)
+        except Exception as exc:
+            if is_device_fatal(exc):
+                raise ExecutorDeadError(f"the device failed: {str(exc).splitlines()[0]}") from exc
+            raise
 
 
 def tokenizer_decode(checkpoint_dir: str | Path):
@@ -62,6 +82,7 @@ def engine_config_for(args: ModelArgs, num_blocks: int, eos_token_id: int, **ove
         image_ids = dict(image_token_id=vision.image_token_id, image_end_token_id=vision.image_end_token_id,
                          spatial_merge_size=vision.spatial_merge_size if vision.uses_patch_merger else 1)
     overrides.setdefault("max_model_len", args.max_position_embeddings)
+    overrides.setdefault("vocab_size", args.vocab_size)
     return EngineConfig(num_blocks=num_blocks, eos_token_id=eos_token_id, **image_ids, **overrides)
 
 

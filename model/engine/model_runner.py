@@ -44,8 +44,9 @@ class StepInput:
 
 @dataclass
 class StepOutput:
-    tokens: list[int]  # one per sampling chunk, in chunk order
+    tokens: list[int]  # one per sampling chunk, in chunk order (-1 where sampling failed)
     logprobs: list[TokenLogprobs | None]
+    failed: dict[int, str] = field(default_factory=dict)  # seq id -> why its sampling failed
 
 
 def kv_block_bytes(model: PixtralModel, block_size: int, dtype: torch.dtype) -> int:
@@ -104,8 +105,8 @@ class ModelRunner:
         if not self.is_driver:
             return StepOutput([], [])
         states = [self.samplers[chunks[i].seq_id] for i in sampled]
-        ids, logprobs = sample(logits, states)
-        return StepOutput(ids, logprobs)
+        ids, logprobs, failed_rows = sample(logits, states)
+        return StepOutput(ids, logprobs, {chunks[sampled[row]].seq_id: why for row, why in failed_rows.items()})
 
     def _chunk_image_embeds(self, chunks: list[SeqChunk], tokens: torch.Tensor) -> torch.Tensor | None:
         """The image embeddings for the [IMG] tokens of this step, in token order (chunks may cut an image)."""

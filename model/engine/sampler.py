@@ -39,20 +39,30 @@ class SamplerState:
         return SamplerState(params, gen)
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for)."""
+def sample(logits: torch.Tensor, states: list[SamplerState]
+           ) -> tuple[list[int], list[TokenLogprobs | None], dict[int, str]]:
+    """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for).
+
+    A row that cannot be sampled (say its logits are not finite) fails alone: it is returned in
+    the third value, row -> reason, with token -1, and the other rows are sampled as usual.
+    """
     assert logits.shape[0] == len(states), (logits.shape, len(states))
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in states) else None
     # Plain greedy rows (the common case) take one batched argmax instead of one call per row.
     plain = [s.params.greedy and not (s.params.has_penalties and s.counts) for s in states]
     argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
-    tokens = []
+    tokens, failed = [], {}
     for i, (row, state) in enumerate(zip(logits, states)):
-        tokens.append(argmax[i] if plain[i] else _sample_row(_apply_penalties(row, state), state))
+        try:
+            tokens.append(argmax[i] if plain[i] else _sample_row(_apply_penalties(row, state), state))
+        except (RuntimeError, ValueError) as exc:  # this row's numbers, not the engine's state
+            failed[i] = f"sampling failed: {str(exc).splitlines()[0]}"
+            tokens.append(-1)
+            continue
         state.counts[tokens[-1]] += 1
-    infos = [None if not s.params.logprobs else _logprobs(raw_logprobs[i], tokens[i], s.params.top_logprobs)
+    infos = [None if not s.params.logprobs or i in failed else _logprobs(raw_logprobs[i], tokens[i], s.params.top_logprobs)
              for i, s in enumerate(states)]
-    return tokens, infos
+    return tokens, infos, failed
 
 
 def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
@@ -70,7 +80,7 @@ def _sample_row(row: torch.Tensor, state: SamplerState) -> int:
     p = state.params
     if p.greedy:
         return int(row.argmax())
-    row = row / p.temperature
+    row = (row - row.max()) / p.temperature  # <= 0: a small temperature cannot overflow to inf
     if 0 < p.top_k < row.shape[0]:
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))

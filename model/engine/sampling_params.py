@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # each stop string is searched for in every step's new text
+# Below this a positive temperature is treated as 0 (greedy): logits / 1e-38 overflow fp32, and
+# sampling at 1e-5 already picks the top token unless two logits tie to within ~1e-4.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = whole vocabulary
     seed: int | None = None
@@ -34,12 +39,17 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
+            (all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"a stop string may have at most {MAX_STOP_CHARS} characters"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         if self.top_logprobs:
             self.logprobs = True
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:
