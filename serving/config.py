@@ -14,8 +14,11 @@ from typing import Any
 class ImageLimits:
     max_images: int = 12  # per request; one more is a 413 (as Mistral's API does)
     max_image_bytes: int = 20 << 20  # encoded bytes per image
-    max_image_pixels: int = 50_000_000  # decoded width*height (decompression-bomb guard)
-    fetch_timeout_s: float = 10.0
+    # decoded width*height, checked before decoding: a 24-MP phone photo fits; the model sees at
+    # most 1024x1024, so more pixels only cost decode time and memory
+    max_image_pixels: int = 25_000_000
+    fetch_timeout_s: float = 10.0  # one http(s) image, all of it: DNS, redirects, body
+    request_images_timeout_s: float = 30.0  # all of a request's images, fetched and decoded
     max_redirects: int = 3
     allow_private_urls: list[str] = field(default_factory=list)  # hostnames/CIDRs allowed despite the guard
     file_root: str | None = None  # file:// URLs allowed only under this directory
@@ -73,6 +76,10 @@ class AppConfig:
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
     max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV cache
     default_max_tokens: int = 1024
+    # per request, over its n choices: generated tokens, and logprob entries to build (each
+    # generated token with logprobs is 1 + top_logprobs entries)
+    max_request_output_tokens: int = 65536
+    max_request_logprob_entries: int = 65536
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 64 << 20
     images: ImageLimits = field(default_factory=ImageLimits)

@@ -64,13 +64,13 @@ class DecoderServer:
                                         first_bundle=1, **overrides)
         self.engine = AsyncEngine(engine)
         self.tags = {"model": cfg.served_model_name}
-        self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0}
+        self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0, "failed_requests": 0}
         threading.Thread(target=self._report_engine_metrics, name="engine-metrics", daemon=True).start()
 
     def _report_engine_metrics(self) -> None:
         """Gauges every second; counters as the increase since the last report."""
         counters = {"preemptions": "pixtral_preemptions_total", "prefix_queried_blocks": "pixtral_prefix_cache_queries_total",
-                    "prefix_hit_blocks": "pixtral_prefix_cache_hits_total"}
+                    "prefix_hit_blocks": "pixtral_prefix_cache_hits_total", "failed_requests": "pixtral_request_failures_total"}
         while True:
             stats = self.engine.stats()
             metric("pixtral_kv_cache_usage_ratio").set(stats.kv_usage, tags=self.tags)

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
@@ -27,13 +27,16 @@ from ray.serve.handle import DeploymentHandle
 from model.config import find_tokenizer_file, load_model_args
 from model.engine.llm_engine import RequestOutput
 from model.engine.sampling_params import SamplingParams
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from serving.config import AppConfig
-from serving.logs import setup_logging
 from serving.decoder_server import GenerateRequest
-from serving.images import DecodedImage, load_image, too_many_images
+from serving.health import LoopLagMonitor, Readiness
+from serving.images import ImageGeometry, PreparedImage, load_images, too_many_images
+from serving.logs import setup_logging
 from serving.metrics import count, metric
-from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, validation_message
-from serving.tokenization import ChatTokenizer, EncodedPrompt
+from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, parse_request
+from serving.tokenization import ChatTokenizer, EncodedPrompt, text_chars
 
 log = logging.getLogger("pixtral_serve.ingress")
 
@@ -55,9 +58,31 @@ async def _count_requests(request: Request, call_next):
         metric("pixtral_http_requests_total").inc(tags=tags)
 
 
-@app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+def _error_response(request: Request, exc: APIError) -> JSONResponse:
+    """OpenAI's error JSON, and one log line (never a traceback) for each refused request."""
+    level = logging.WARNING if exc.status >= 500 else logging.INFO
+    log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code or exc.type,
+            exc.message[:200])
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error_response(request, exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404), wrong methods (405) and the like, in OpenAI's shape."""
+    codes = {404: "unknown_route", 405: "method_not_allowed"}
+    message = f"{request.method} {request.url.path[:100]}: {exc.detail}"
+    return _error_response(request, APIError(exc.status_code, message, "invalid_request_error",
+                                             code=codes.get(exc.status_code), headers=dict(exc.headers or {})))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(request, bad_request("the request does not match this route's parameters"))
 
 
 @app.exception_handler(Exception)
@@ -161,12 +186,16 @@ class OpenAIIngress:
         self.vision = vision
         self.decoder = decoder
         self.tokenizer = ChatTokenizer(find_tokenizer_file(self.cfg.model))
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         args = load_model_args(self.cfg.model).vision_encoder
-        self.patch_size, self.max_image_size = args.patch_size, args.max_image_size
-        self.merge = args.spatial_merge_size if args.uses_patch_merger else 1
+        self.geometry = ImageGeometry(args.patch_size, args.max_image_size,
+                                      args.spatial_merge_size if args.uses_patch_merger else 1)
         self._decoder_info: dict | None = None
         self._info_lock = asyncio.Lock()
         self.tags = {"model": self.cfg.served_model_name}
+        self.readiness = Readiness(serve.get_replica_context().app_name, [vision.deployment_name,
+                                                                           decoder.deployment_name])
+        self.loop_lag = LoopLagMonitor(lambda lag: metric("pixtral_event_loop_lag_seconds").observe(lag, tags=self.tags))
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -178,36 +207,52 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        try:
-            await asyncio.wait_for(asyncio.gather(self.vision.check_health.remote(),
-                                                  self.decoder.check_health.remote()), timeout=10)
-        except Exception as exc:  # any deployment not ready or failing its check
-            return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        """Readiness: 200 when the vision pool and the decoder each have a running, healthy replica.
+
+        Read from Serve's controller (its own health checks of every replica) and cached for a
+        second or two, so probes never take a queue slot from real traffic, however many arrive.
+        """
+        self.loop_lag.ensure_started()
+        ready, reason = await self.readiness.get()
+        if not ready:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/health/live")
+    async def live(self) -> Response:
+        """Liveness: this ingress replica's event loop answers."""
+        self.loop_lag.ensure_started()
+        return JSONResponse({"status": "ok"})
+
+    def take_event_loop_lag(self) -> float:
+        """The worst event-loop lag since the last call, in seconds (for operators and tests)."""
+        return self.loop_lag.take_worst()
 
     @app.post("/v1/chat/token_count")
     async def token_count(self, request: Request) -> dict:
         self._authorize(request)
         body = await self._parse(request)
-        prompt, images = await self._prompt(body)
+        max_len = (await self._info())["max_model_len"]
+        prompt, images = await self._prompt(body, max_len)
         return {"object": "token_count", "model": self.cfg.served_model_name,
                 "prompt_tokens": len(prompt.tokens), "image_tokens": prompt.num_image_tokens,
                 "text_tokens": len(prompt.tokens) - prompt.num_image_tokens,
                 "images": [{"width": i.size[0], "height": i.size[1], "tokens": n}
                            for i, n in zip(images, prompt.image_tokens)],
-                "max_model_len": (await self._info())["max_model_len"]}
+                "max_model_len": max_len}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         started = time.perf_counter()
+        self.loop_lag.ensure_started()
         self._authorize(request)
         body = await self._parse(request)
-        prompt, images = await self._prompt(body)
-        params = await self._sampling_params(body, len(prompt.tokens))
+        max_len = (await self._info())["max_model_len"]
+        prompt, images = await self._prompt(body, max_len)
+        params = self._sampling_params(body, len(prompt.tokens), max_len)
         metric("pixtral_images_per_request").observe(len(images), tags=self.tags)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        features = _VisionCalls(self.vision, [img.payload(self.patch_size, self.max_image_size, self.merge)
-                                              for img in images])
+        features = _VisionCalls(self.vision, [img.payload for img in images])
         hashes = [img.content_hash for img in images]
         timing = _Timing(started, len(params), prompt.num_image_tokens)
         streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
@@ -216,7 +261,10 @@ class OpenAIIngress:
             streams = list(await asyncio.gather(*(_started(s) for s in streams)))
             return StreamingResponse(self._sse(body, completion_id, streams, prompt),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await self._complete(body, completion_id, streams, prompt))
+        result = await self._complete(body, completion_id, streams, prompt)
+        # serializing a large answer (n choices with logprobs) would hold the event loop
+        return Response(await asyncio.to_thread(json.dumps, result, ensure_ascii=False),
+                        media_type="application/json")
 
     # -- request handling ---------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -242,29 +290,23 @@ class OpenAIIngress:
             raw += chunk
             if len(raw) > self.cfg.max_body_bytes:
                 raise APIError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("the request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise bad_request("the request body must be a JSON object", code="invalid_json")
-        try:
-            body = ChatCompletionRequest.model_validate(data)
-        except ValidationError as exc:
-            message, param = validation_message(exc.errors())
-            raise bad_request(message, param=param) from None
+        body = await asyncio.to_thread(parse_request, bytes(raw))  # JSON and schema: CPU work
         if body.model not in self.cfg.model_names:
-            raise APIError(404, f"model {body.model!r} does not exist; available: {self.cfg.model_names}",
+            raise APIError(404, f"model {body.model[:100]!r} does not exist; available: {self.cfg.model_names}",
                            "invalid_request_error", "model", "model_not_found")
         return body
 
-    async def _prompt(self, body: ChatCompletionRequest) -> tuple[EncodedPrompt, list[DecodedImage]]:
+    async def _prompt(self, body: ChatCompletionRequest, max_len: int) -> tuple[EncodedPrompt, list[PreparedImage]]:
         urls = [p.url for m in body.messages if isinstance(m.content, list) for p in m.content
                 if isinstance(p, ImagePart)]
         if len(urls) > self.cfg.images.max_images:
             raise too_many_images(len(urls), self.cfg.images)
-        images = list(await asyncio.gather(*(load_image(u, self.cfg.images, i) for i, u in enumerate(urls))))
-        prompt = self.tokenizer.encode(body, images)
+        chars = text_chars(body)
+        if chars > 2 * self.tokenizer.max_chars_per_token * max_len:  # x2: room for normalisation
+            raise bad_request(f"the messages have {chars} characters of text, more than this model's context of "
+                              f"{max_len} tokens can hold", param="messages", code="context_length_exceeded")
+        images = await load_images(urls, self.cfg.images, self.geometry)
+        prompt = await asyncio.to_thread(self.tokenizer.encode, body, images)
         return prompt, images
 
     async def _info(self) -> dict:
@@ -275,8 +317,7 @@ class OpenAIIngress:
                     self._decoder_info = await _first(_unavailable_as_503(_once(self.decoder.info.remote())))
         return self._decoder_info
 
-    async def _sampling_params(self, body: ChatCompletionRequest, prompt_len: int) -> list[SamplingParams]:
-        max_len = (await self._info())["max_model_len"]
+    def _sampling_params(self, body: ChatCompletionRequest, prompt_len: int, max_len: int) -> list[SamplingParams]:
         if prompt_len >= max_len:
             raise bad_request(f"the prompt is {prompt_len} tokens (text and images); this model's maximum context "
                               f"length is {max_len} tokens", param="messages", code="context_length_exceeded")
@@ -286,9 +327,21 @@ class OpenAIIngress:
             raise bad_request(f"the prompt is {prompt_len} tokens and max_tokens is {asked}; together they exceed "
                               f"this model's maximum context length of {max_len}", param="max_tokens",
                               code="context_length_exceeded")
-        max_tokens = asked or min(self.cfg.default_max_tokens, room)
+        n = body.n or 1
+        # each generated token of each choice costs (1 + top_logprobs) logprob entries to build
+        per_token = 1 + (body.top_logprobs or 0) if body.logprobs else 0
+        budget = self.cfg.max_request_output_tokens // n
+        if per_token:
+            budget = min(budget, self.cfg.max_request_logprob_entries // (n * per_token))
+        if asked is not None and asked > budget:
+            raise bad_request(f"n={n} x max_tokens={asked}{f' x (1 + top_logprobs)={per_token}' if per_token else ''} "
+                              f"is over this server's output budget per request (max_request_output_tokens "
+                              f"{self.cfg.max_request_output_tokens}, max_request_logprob_entries "
+                              f"{self.cfg.max_request_logprob_entries}): at most max_tokens={budget} here",
+                              param="max_tokens", code="output_budget_exceeded")
+        max_tokens = asked or max(min(self.cfg.default_max_tokens, room, budget), 1)
         out = []
-        for i in range(body.n or 1):
+        for i in range(n):
             seed = None if body.seed is None else body.seed + i
             try:
                 out.append(SamplingParams(
@@ -354,7 +407,9 @@ class OpenAIIngress:
         return entries
 
     def _token_entry(self, token: int, logprob: float) -> dict:
-        text = self.tokenizer.decode([token])
+        text = self._token_texts.get(token)
+        if text is None:  # decoded once per token id: the vocabulary bounds this cache
+            text = self._token_texts[token] = self.tokenizer.decode([token])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def _usage(self, prompt: EncodedPrompt, finals: list[RequestOutput]) -> dict:

@@ -155,6 +155,9 @@ PANELS = [
     ("", "short", "sum(ray_pixtral_waiting_sequences)"),
     ("Preemptions/s", "short", "sum(rate(ray_pixtral_preemptions_total[5m]))"),
     ("Prefix-cache hit ratio", "percentunit", "sum(rate(ray_pixtral_prefix_cache_hits_total[5m])) / sum(rate(ray_pixtral_prefix_cache_queries_total[5m]))"),
+    ("Requests failed alone in the engine/s", "short", "sum(rate(ray_pixtral_request_failures_total[5m]))"),
+    ("Ingress event-loop lag p99 / max bucket", "s", "histogram_quantile(0.99, sum by (le) (rate(ray_pixtral_event_loop_lag_seconds_bucket[5m])))"),
+    ("", "s", "histogram_quantile(1.0, sum by (le) (rate(ray_pixtral_event_loop_lag_seconds_bucket[5m])))"),
 ]
 
 

@@ -14,6 +14,7 @@ from ray.serve import metrics
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+LOOP_LAG_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
 COUNT_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]  # Ray wants positive bounds; le=1 holds 0 and 1
 
 # name -> (kind, description, buckets, extra label keys); `model` is on every metric
@@ -37,6 +38,8 @@ DEFINITIONS = {
     "pixtral_preemptions_total": ("counter", "Sequences preempted (KV blocks freed, recomputed later)", None, ()),
     "pixtral_prefix_cache_queries_total": ("counter", "KV blocks looked up in the prefix cache", None, ()),
     "pixtral_prefix_cache_hits_total": ("counter", "KV blocks found in the prefix cache", None, ()),
+    "pixtral_request_failures_total": ("counter", "Requests the engine failed alone (their step raised); it carried on", None, ()),
+    "pixtral_event_loop_lag_seconds": ("histogram", "How late the ingress event loop woke a 50 ms timer", LOOP_LAG_BUCKETS, ()),
 }
 
 

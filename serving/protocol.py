@@ -1,10 +1,27 @@
-"""The OpenAI chat-completions wire format: request validation (pydantic) and error bodies."""
+"""The OpenAI chat-completions wire format: request validation (pydantic) and error bodies.
+
+Bounds that keep one request from costing more than its share (each refusal is a 400 naming it):
+JSON nesting depth and object/array count, messages per request and parts per message, stop
+strings (count and length, in model.engine.sampling_params), n, top_logprobs.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.engine.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+MAX_JSON_DEPTH = 32  # a chat request needs 6 (body > messages > message > content > part > image_url)
+# Parsing holds the GIL for the whole document, and its cost grows with the number of values: a
+# body of many tiny objects is refused by counting '{' and '[' first (also those inside strings:
+# the bound is loose enough for any real prompt).
+MAX_JSON_CONTAINERS = 100_000
+MAX_MESSAGES = 4096
+MAX_PARTS_PER_MESSAGE = 512
+MAX_N = 16
 
 
 class APIError(Exception):
@@ -51,7 +68,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS_PER_MESSAGE)] | None = None
 
     @model_validator(mode="after")
     def _check_content(self) -> "Message":
@@ -70,7 +87,7 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -82,7 +99,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    n: int | None = Field(default=1, ge=1, le=16)
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     tools: list[Any] | None = None
@@ -92,8 +109,9 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                             "characters")
         return stops
 
     @model_validator(mode="after")
@@ -113,3 +131,46 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",))
     msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """Body bytes -> a validated request, or an APIError (400) naming what is wrong.
+
+    CPU work proportional to the body: the ingress runs it off the event loop.
+    """
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise bad_request(f"the request body has {containers} JSON objects and arrays; at most "
+                          f"{MAX_JSON_CONTAINERS} are accepted", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors())
+        raise bad_request(message, param=param) from None
+
+
+def _too_deep() -> APIError:
+    return bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, counting stops once it passes `limit` (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralChatRequest
@@ -19,7 +20,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from model.image_processing import image_token_ids, token_grid
-from serving.images import DecodedImage
+from serving.images import PreparedImage
 from serving.protocol import ChatCompletionRequest, ImagePart, bad_request
 
 
@@ -57,14 +58,14 @@ class ChatTokenizer:
         self.image_config = instruct.image_encoder.image_config
         instruct.image_encoder = SizeOnlyImageEncoder(instruct.image_encoder)
         self.tokenizer = instruct.tokenizer
+        # No token stands for more characters than this, so a text of more than
+        # max_chars_per_token * N characters cannot fit N tokens: refused before tokenizing.
+        self.max_chars_per_token = max(len(self.tokenizer.decode([i])) for i in range(self.tokenizer.n_words))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def token_piece(self, token: int) -> str:
-        return self.tokenizer.id_to_piece(token) if hasattr(self.tokenizer, "id_to_piece") else self.decode([token])
-
-    def encode(self, request: ChatCompletionRequest, images: list[DecodedImage]) -> EncodedPrompt:
+    def encode(self, request: ChatCompletionRequest, images: list[PreparedImage]) -> EncodedPrompt:
         sizes = iter(img.size for img in images)
         messages = []
         for m in request.messages:
@@ -76,12 +77,23 @@ class ChatTokenizer:
                 messages.append(UserMessage(content=_user_chunks(m.content, sizes)))
         try:
             encoded = self.mistral.encode_chat_completion(MistralChatRequest(messages=messages))
-        except (ValueError, AssertionError) as exc:  # mistral-common's own validation (message order etc.)
-            raise bad_request(f"messages cannot be encoded: {exc}", param="messages") from None
+        except (ValueError, AssertionError, MistralCommonException) as exc:  # mistral-common's own validation
+            raise bad_request(f"messages cannot be encoded: {str(exc)[:300]}", param="messages") from None
         patch, max_size = self.image_config.image_patch_size, self.image_config.max_image_size
         merge = self.image_config.spatial_merge_size
         per_image = [(lambda g: (g[0] + 1) * g[1])(token_grid(*img.size, patch, max_size, merge)) for img in images]
         return EncodedPrompt(list(encoded.tokens), per_image)
+
+
+def text_chars(request: ChatCompletionRequest) -> int:
+    """Characters of text in all messages (what tokenization will walk through)."""
+    total = 0
+    for m in request.messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text) for p in m.content if not isinstance(p, ImagePart))
+    return total
 
 
 def _text_only(content) -> str:

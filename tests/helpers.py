@@ -83,9 +83,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def image_root(checkpoint) -> Path:
+    """The test application's directory for file:// image URLs."""
+    root = Path(checkpoint).parent / "served-images"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 def app_args(checkpoint) -> dict:
     """The test application: tiny checkpoint, vision pool and decoder pinned to their nodes."""
     return {
+        "images": {"file_root": str(image_root(checkpoint))},
         "model": str(checkpoint), "served_model_name": "pixtral-test", "model_aliases": ["pixtral-12b-2409"],
         "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
         "vision": {"num_cpus": 0.1, "num_replicas": 1, "resources": {"vision_node": 1}},

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from serving.config import ImageLimits
-from serving.images import fetch_http, load_image
+from serving.images import ImageGeometry, fetch_http, load_image
 from serving.protocol import APIError
 from tests.helpers import random_image
 
@@ -65,6 +65,7 @@ def server():
 
 
 ALLOW_LOOPBACK = ImageLimits(allow_private_urls=["127.0.0.1"], max_image_bytes=50_000)
+GEOMETRY = ImageGeometry(patch_size=16, max_image_size=1024)
 
 
 def fetch(url: str, limits: ImageLimits = ALLOW_LOOPBACK) -> bytes:
@@ -80,7 +81,7 @@ def refused(url: str, limits: ImageLimits = ALLOW_LOOPBACK) -> APIError:
 
 def test_fetch_allow_listed_loopback(server):
     assert fetch(f"{server}/img.png") == PNG
-    decoded = asyncio.run(load_image(f"{server}/img.png", ALLOW_LOOPBACK, 0))
+    decoded = asyncio.run(load_image(f"{server}/img.png", ALLOW_LOOPBACK, 0, GEOMETRY))
     assert decoded.size == (24, 16)
 
 
@@ -115,10 +116,10 @@ def test_file_urls_only_under_the_configured_root(tmp_path):
     (root / "a.png").write_bytes(PNG)
     (tmp_path / "outside.png").write_bytes(PNG)
     limits = ImageLimits(file_root=str(root))
-    assert asyncio.run(load_image(f"file://{root}/a.png", limits, 0)).size == (24, 16)
+    assert asyncio.run(load_image(f"file://{root}/a.png", limits, 0, GEOMETRY)).size == (24, 16)
     for url in (f"file://{tmp_path}/outside.png", f"file://{root}/../outside.png", f"file://{root}/missing.png"):
         with pytest.raises(APIError):
-            asyncio.run(load_image(url, limits, 0))
+            asyncio.run(load_image(url, limits, 0, GEOMETRY))
 
 
 def test_single_frame_gif_webp_jpeg_are_accepted():

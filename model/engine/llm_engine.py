@@ -103,6 +103,7 @@ class EngineStats:
     prefix_hit_blocks: int
     prompt_tokens: int
     generation_tokens: int
+    failed_requests: int  # failed alone (their step raised); the engine carried on
 
 
 @dataclass(eq=False)
@@ -308,7 +309,8 @@ class LLMEngine:
         b = self.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.usage, b.num_free_blocks,
                            b.num_blocks, self.scheduler.num_preemptions, b.prefix_queried_blocks,
-                           b.prefix_hit_blocks, self.prompt_tokens_total, self.generation_tokens_total)
+                           b.prefix_hit_blocks, self.prompt_tokens_total, self.generation_tokens_total,
+                           self.failed_requests_total)
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:
         """Step until every request is done; all outputs by request id (for tests and scripts)."""

@@ -1,0 +1,81 @@
+"""Readiness from Serve's own view of the deployments, cached, so health probes cost nothing.
+
+Serve's controller health-checks every replica itself (`check_health`, every few seconds); asking
+it for the deployments' replica states costs one call to the controller, which this makes at most
+once per `ttl_s` however many probes arrive, and never through a deployment's request queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class Readiness:
+    def __init__(self, app_name: str, deployments: list[str], ttl_s: float = 2.0, timeout_s: float = 5.0) -> None:
+        self.app_name, self.deployments = app_name, deployments
+        self.ttl_s, self.timeout_s = ttl_s, timeout_s
+        self._value: tuple[bool, str] | None = None
+        self._at = 0.0
+        self._refresh: asyncio.Task | None = None
+
+    async def get(self) -> tuple[bool, str]:
+        """(ready, why not): the cached answer, refreshed in the background when it is stale."""
+        if time.monotonic() - self._at > self.ttl_s and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.ensure_future(self._update())
+        if self._value is None:  # the first probe waits for the first answer
+            try:
+                await asyncio.wait_for(asyncio.shield(self._refresh), self.timeout_s)
+            except asyncio.TimeoutError:
+                return False, "Serve's controller did not answer"
+        return self._value
+
+    async def _update(self) -> None:
+        try:
+            self._value = await asyncio.wait_for(asyncio.to_thread(self._ask_controller), self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - not ready until the controller answers
+            self._value = False, f"cannot read Serve's status: {type(exc).__name__}"
+        self._at = time.monotonic()
+
+    def _ask_controller(self) -> tuple[bool, str]:
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        if app is None:
+            return False, f"application {self.app_name!r} is not deployed"
+        for name in self.deployments:
+            deployment = app.deployments.get(name)
+            running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+            if not running:
+                return False, f"{name} has no running replica"
+        return True, "ok"
+
+
+class LoopLagMonitor:
+    """How late the event loop wakes a timer: for that long, every coroutine on it was blocked.
+
+    Each lateness goes to `on_lag` (a histogram); the worst since the last `take_worst()` is kept.
+    """
+
+    def __init__(self, on_lag: Callable[[float], None], period_s: float = 0.05) -> None:
+        self.on_lag, self.period_s = on_lag, period_s
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    def ensure_started(self) -> None:
+        """Start on the serving loop (called from a request: a replica's __init__ may run elsewhere)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(self.period_s)
+            lag = max(time.perf_counter() - started - self.period_s, 0.0)
+            self.worst = max(self.worst, lag)
+            self.on_lag(lag)
+
+    def take_worst(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
