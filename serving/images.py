@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import ipaddress
 import os
 import re
 import socket
 import stat
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -188,33 +186,24 @@ def read_file_url(url: str, limits: ImageLimits, index: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except (OSError, ValueError):
         raise unreadable from None
-    with os.fdopen(fd, "rb", closefd=True) if _is_regular(fd) else _closing(fd) as f:
-        if f is None:
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise bad_request(f"image {index}: file:// URLs must name a regular file", code="invalid_image_url")
-        size = os.fstat(f.fileno()).st_size
-        if size > limits.max_image_bytes:
-            raise bad_request(f"image {index} is {size} bytes; the limit is {limits.max_image_bytes}",
+        if info.st_size > limits.max_image_bytes:
+            raise bad_request(f"image {index} is {info.st_size} bytes; the limit is {limits.max_image_bytes}",
                               code="image_too_large")
-        try:
+        with os.fdopen(fd, "rb") as f:
+            fd = None  # the file object closes it now
             data = f.read(limits.max_image_bytes + 1)  # the file may grow after the check
-        except OSError:
-            raise unreadable from None
+    except OSError:
+        raise unreadable from None
+    finally:
+        if fd is not None:
+            os.close(fd)
     if len(data) > limits.max_image_bytes:
         raise bad_request(f"image {index} exceeds {limits.max_image_bytes} bytes", code="image_too_large")
     return data
-
-
-def _is_regular(fd: int) -> bool:
-    return stat.S_ISREG(os.fstat(fd).st_mode)
-
-
-@contextlib.contextmanager
-def _closing(fd: int) -> Iterator[None]:
-    """Close a descriptor that is not a regular file; yields None in place of a file."""
-    try:
-        yield None
-    finally:
-        os.close(fd)
 
 
 def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, limits: ImageLimits) -> bool:

@@ -23,12 +23,11 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.config import find_tokenizer_file, load_model_args
 from model.engine.llm_engine import RequestOutput
 from model.engine.sampling_params import SamplingParams
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from serving.config import AppConfig
 from serving.decoder_server import GenerateRequest
 from serving.health import LoopLagMonitor, Readiness
@@ -37,6 +36,7 @@ from serving.logs import setup_logging
 from serving.metrics import count, metric
 from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, parse_request
 from serving.tokenization import ChatTokenizer, EncodedPrompt, text_chars
+from serving.vision_encoder_server import ImageEncodeError
 
 log = logging.getLogger("pixtral_serve.ingress")
 
@@ -127,9 +127,23 @@ async def _unavailable_as_503(stream) -> AsyncIterator:
         raise APIError(503, "the server is at capacity; retry shortly", "server_error", code="overloaded",
                        headers={"Retry-After": "2"}) from None
     except (RayError, RayServeException) as exc:
+        if _caused_by(exc, ImageEncodeError):  # this request's image, not a replica: no retry
+            raise APIError(500, "an image of this request could not be encoded", "server_error",
+                           code="image_encode_failed") from None
         log.warning("decoder call failed: %s", type(exc).__name__)
         raise _model_unavailable("the model is unavailable (a replica is restarting); retry shortly",
                                  retryable=True) from None
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """Whether `kind` is anywhere in the chain of a Ray error (its `cause`s and `__cause__`s)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return False
 
 
 def _model_unavailable(message: str, retryable: bool) -> APIError:
@@ -290,7 +304,7 @@ class OpenAIIngress:
             raw += chunk
             if len(raw) > self.cfg.max_body_bytes:
                 raise APIError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
-        body = await asyncio.to_thread(parse_request, bytes(raw))  # JSON and schema: CPU work
+        body = await asyncio.to_thread(parse_request, raw)  # JSON and schema: CPU work
         if body.model not in self.cfg.model_names:
             raise APIError(404, f"model {body.model[:100]!r} does not exist; available: {self.cfg.model_names}",
                            "invalid_request_error", "model", "model_not_found")

@@ -133,7 +133,7 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
 
 
-def parse_request(raw: bytes) -> ChatCompletionRequest:
+def parse_request(raw: bytes | bytearray) -> ChatCompletionRequest:
     """Body bytes -> a validated request, or an APIError (400) naming what is wrong.
 
     CPU work proportional to the body: the ingress runs it off the event loop.

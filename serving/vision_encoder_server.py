@@ -7,12 +7,14 @@ are 5-12x smaller than post-adapter ones; the decoder applies the adapter.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 
 import torch
 from ray import serve
 
+from model.engine.local_executor import is_device_fatal
 from model.engine.model_runner import ImageFeatures
 from model.image_processing import normalize, resize
 from model.loader import load_vision_encoder
@@ -20,6 +22,12 @@ from serving.config import AppConfig
 from serving.logs import setup_logging
 from serving.images import ImagePayload
 from serving.metrics import metric
+
+log = logging.getLogger("pixtral_serve.vision")
+
+
+class ImageEncodeError(RuntimeError):
+    """One image could not be encoded (its batch mates were). Not a replica failure: never retried."""
 
 
 def payload_pixels(payload: ImagePayload, device: torch.device) -> torch.Tensor:
@@ -71,6 +79,7 @@ class VisionEncoderServer:
         self._encode_batch.set_max_batch_size(cfg.vision.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)
         self.recent_batch_sizes: deque[int] = deque(maxlen=256)  # bounded: a replica runs for weeks
+        self.error: BaseException | None = None
 
     async def encode(self, payload: ImagePayload) -> ImageFeatures:
         cached = self.cache.get(payload.content_hash)
@@ -78,11 +87,13 @@ class VisionEncoderServer:
         if cached is not None:
             return cached
         features = await self._encode_batch(payload)
+        if isinstance(features, Exception):
+            raise features  # this image's own failure; its batch mates got their features
         self.cache.put(payload.content_hash, features)
         return features
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
+    async def _encode_batch(self, payloads: list[ImagePayload]) -> list[ImageFeatures | ImageEncodeError]:
         self.recent_batch_sizes.append(len(payloads))
         start = time.perf_counter()
         features = await asyncio.to_thread(self._encode_now, payloads)
@@ -90,14 +101,29 @@ class VisionEncoderServer:
         metric("pixtral_vision_batch_size").observe(len(payloads), tags=self.tags)
         return features
 
+    def _encode_now(self, payloads: list[ImagePayload]) -> list[ImageFeatures | ImageEncodeError]:
+        """Encode a batch; if it raises, encode its images one at a time, so that an image that
+        cannot be encoded fails alone (as an ImageEncodeError in its place) and the rest succeed."""
+        try:
+            return self._encode_together(payloads)
+        except Exception as exc:  # noqa: BLE001 - find whose it is
+            if is_device_fatal(exc):
+                self.error = exc  # the device is gone: fail the health check, get replaced
+                raise
+            if len(payloads) == 1:
+                log.warning("an image failed to encode: %s", type(exc).__name__)
+                return [ImageEncodeError(f"the image could not be encoded ({type(exc).__name__})")]
+            log.warning("a batch of %d images failed (%s); encoding them one at a time", len(payloads),
+                        type(exc).__name__)
+            return [result for p in payloads for result in self._encode_now([p])]
+
     @torch.inference_mode()
-    def _encode_now(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
+    def _encode_together(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
         images = [payload_pixels(p, self.device) for p in payloads]
         # one sequence for the whole batch; the block-diagonal mask keeps images apart
         features, grids = self.encoder(images)
         parts = features.split([h * w for h, w in grids])
         return [ImageFeatures(part.cpu(), grid) for part, grid in zip(parts, grids)]
-
 
     def stats(self) -> dict:
         import ray
@@ -106,4 +132,5 @@ class VisionEncoderServer:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
-        pass  # a live replica with its weights loaded is healthy
+        if self.error is not None:  # a live replica with its weights loaded is healthy, unless its device failed
+            raise RuntimeError(f"the vision encoder's device failed: {self.error!r}")

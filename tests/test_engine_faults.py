@@ -178,3 +178,41 @@ def test_detokenizer_releases_invalid_bytes_instead_of_redecoding_forever():
     detok = IncrementalDetokenizer(decode)
     text = "".join(detok.add(7) for _ in range(200)) + detok.flush()
     assert text and max(decoded) <= 2 * MAX_PENDING_TOKENS  # decoded spans stay short
+
+
+def test_vision_batch_isolates_an_image_that_cannot_be_encoded(mistral_12b):
+    """A batch holding one image that cannot be encoded: its mates get exactly their own features."""
+    import numpy as np
+
+    from model.loader import load_vision_encoder
+    from serving.images import ImagePayload
+    from serving.vision_encoder_server import ImageEncodeError, VisionEncoderServer
+
+    server = object.__new__(VisionEncoderServer.func_or_class)  # the replica's logic, without Serve
+    server.encoder, server.device, server.error = load_vision_encoder(mistral_12b), torch.device("cpu"), None
+    rng = np.random.default_rng(0)
+    good = [ImagePayload(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (w, h), f"g{i}")
+            for i, (w, h) in enumerate([(48, 32), (32, 64)])]
+    four_channels = ImagePayload(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), (32, 32), "bad")
+    together = server._encode_now([good[0], four_channels, good[1]])
+    assert isinstance(together[1], ImageEncodeError)
+    for payload, result in zip(good, together[::2]):
+        alone = server._encode_now([payload])[0]
+        assert torch.equal(result.features, alone.features) and result.grid == alone.grid
+    server.check_health()  # an image's failure is not the replica's
+
+
+def test_image_encode_errors_are_told_apart_from_replica_failures():
+    from ray.exceptions import ActorDiedError
+
+    from serving.ingress import _caused_by
+    from serving.vision_encoder_server import ImageEncodeError
+
+    try:
+        try:
+            raise ImageEncodeError("bad image")
+        except ImageEncodeError as inner:
+            raise RuntimeError("while resolving the decoder's arguments") from inner
+    except RuntimeError as outer:
+        assert _caused_by(outer, ImageEncodeError)
+    assert not _caused_by(ActorDiedError(), ImageEncodeError)

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from PIL import BmpImagePlugin, Image
@@ -21,7 +21,7 @@ from PIL import BmpImagePlugin, Image
 from serving.config import ImageLimits
 from serving.images import ImageGeometry, decode_data_url, fetch_http, load_image, load_images, prepare_image
 from serving.protocol import APIError
-from tests.helpers import random_image
+from tests.helpers import loopback_http, random_image
 
 GEOMETRY = ImageGeometry(patch_size=16, max_image_size=1024)
 
@@ -79,11 +79,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with loopback_http(Handler) as base:
+        yield base
 
 
 LOOPBACK = ImageLimits(allow_private_urls=["127.0.0.1"], fetch_timeout_s=1.0)

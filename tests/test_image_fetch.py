@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from serving.config import ImageLimits
 from serving.images import ImageGeometry, fetch_http, load_image
 from serving.protocol import APIError
-from tests.helpers import random_image
+from tests.helpers import loopback_http, random_image
 
 
 def png_bytes() -> bytes:
@@ -57,11 +56,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with loopback_http(Handler) as base:
+        yield base
 
 
 ALLOW_LOOPBACK = ImageLimits(allow_private_urls=["127.0.0.1"], max_image_bytes=50_000)
