@@ -20,6 +20,7 @@ from model.engine.local_executor import KVBudget, build_local_engine
 from model.engine.model_runner import ImageFeatures
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
+from serving.health import start_heap_trimmer
 from serving.logs import setup_logging
 from serving.metrics import count, metric
 
@@ -66,6 +67,7 @@ class DecoderServer:
         self.tags = {"model": cfg.served_model_name}
         self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0, "failed_requests": 0}
         threading.Thread(target=self._report_engine_metrics, name="engine-metrics", daemon=True).start()
+        start_heap_trimmer()
 
     def _report_engine_metrics(self) -> None:
         """Gauges every second; counters as the increase since the last report."""

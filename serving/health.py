@@ -8,6 +8,8 @@ once per `ttl_s` however many probes arrive, and never through a deployment's re
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import threading
 import time
 from collections.abc import Callable
 
@@ -79,3 +81,24 @@ class LoopLagMonitor:
     def take_worst(self) -> float:
         worst, self.worst = self.worst, 0.0
         return worst
+
+
+def start_heap_trimmer(period_s: float = 20.0) -> None:
+    """Hand freed heap memory back to the OS every `period_s` (glibc's malloc_trim), from a thread.
+
+    Large transient tensors (a long prefill, a batch of big images) leave glibc's heaps holding
+    freed pages: resident memory then creeps up under varied load although live memory does not
+    (benchmarks/soak.py showed it), and a container's memory limit counts the retained pages. A
+    no-op where the C library has no malloc_trim.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(period_s)
+            trim(0)
+
+    threading.Thread(target=loop, name="heap-trim", daemon=True).start()

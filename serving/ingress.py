@@ -30,7 +30,7 @@ from model.engine.llm_engine import RequestOutput
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
 from serving.decoder_server import GenerateRequest
-from serving.health import LoopLagMonitor, Readiness
+from serving.health import LoopLagMonitor, Readiness, start_heap_trimmer
 from serving.images import ImageGeometry, PreparedImage, load_images, too_many_images
 from serving.logs import setup_logging
 from serving.metrics import count, metric
@@ -210,6 +210,7 @@ class OpenAIIngress:
         self.readiness = Readiness(serve.get_replica_context().app_name, [vision.deployment_name,
                                                                            decoder.deployment_name])
         self.loop_lag = LoopLagMonitor(lambda lag: metric("pixtral_event_loop_lag_seconds").observe(lag, tags=self.tags))
+        start_heap_trimmer()  # decoded images are the ingress's large transients
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/v1/models")

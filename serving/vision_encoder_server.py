@@ -19,6 +19,7 @@ from model.engine.model_runner import ImageFeatures
 from model.image_processing import normalize, resize
 from model.loader import load_vision_encoder
 from serving.config import AppConfig
+from serving.health import start_heap_trimmer
 from serving.logs import setup_logging
 from serving.images import ImagePayload
 from serving.metrics import metric
@@ -80,6 +81,7 @@ class VisionEncoderServer:
         self._encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)
         self.recent_batch_sizes: deque[int] = deque(maxlen=256)  # bounded: a replica runs for weeks
         self.error: BaseException | None = None
+        start_heap_trimmer()
 
     async def encode(self, payload: ImagePayload) -> ImageFeatures:
         cached = self.cache.get(payload.content_hash)
