@@ -1,8 +1,9 @@
-"""Readiness from Serve's own view of the deployments, cached, so health probes cost nothing.
+"""The health of a replica process: readiness for probes, event-loop lag, heap retention.
 
+Readiness comes from Serve's own view of the deployments, cached, so health probes cost nothing:
 Serve's controller health-checks every replica itself (`check_health`, every few seconds); asking
-it for the deployments' replica states costs one call to the controller, which this makes at most
-once per `ttl_s` however many probes arrive, and never through a deployment's request queue.
+it for the deployments' replica states costs one call to the controller, which `Readiness` makes
+at most once per `ttl_s` however many probes arrive, and never through a deployment's queue.
 """
 
 from __future__ import annotations
