@@ -1,6 +1,7 @@
 """Write checkpoints in either format, and convert between them.
 
-    python -m model.convert SRC_DIR DST_DIR     # Mistral <-> Hugging Face, whichever SRC is not
+    python -m model.convert SRC_DIR DST_DIR         # Mistral <-> Hugging Face, whichever SRC is not
+    python -m model.convert SRC_DIR DST_DIR --fp8   # HF layout, decoder weights in FP8 (FP8-dynamic)
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,11 +17,14 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import MISTRAL_PARAMS, ModelArgs, find_tokenizer_file, load_model_args
+from model.layers.fp8 import quantize_per_channel
 from model.loader import iter_checkpoint, mistral_to_hf_name, permute_for_hf, rope_heads
 
 
 def params_json(args: ModelArgs) -> dict:
-    params = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("vision_encoder", "extra")}
+    params = {k: v for k, v in dataclasses.asdict(args).items()
+              if k not in ("vision_encoder", "extra", "max_position_embeddings")}
+    params["max_seq_len"] = args.max_position_embeddings  # the name Mistral's files use
     if args.vision_encoder is not None:
         vision = dataclasses.asdict(args.vision_encoder)
         vision["image_size"] = vision["max_image_size"]
@@ -108,20 +113,62 @@ def write_hf(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Path, o
     return out
 
 
-def convert(src: str | Path, dst: str | Path) -> Path:
+# decoder linear weights: the ones FP8_DYNAMIC quantises (lm_head, vision tower and projector stay bf16)
+FP8_WEIGHTS = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
+
+
+def fp8_config(ignore: list[str]) -> dict:
+    """compressed-tensors' description of FP8_DYNAMIC, as llm-compressor writes it."""
+    weights = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+               "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
+               "observer_kwargs": {}}
+    activations = {**weights, "strategy": "token", "dynamic": True, "observer": None}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "kv_cache_scheme": None, "ignore": ignore,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": activations, "output_activations": None}}}
+
+
+def write_hf_fp8(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Path, out: Path) -> Path:
+    """The HF Llava layout of an FP8-dynamic conversion: decoder linear weights in FP8 with a bf16
+    scale per output channel, everything else in bf16."""
+    quantized = {}
+    for name, t in state.items():
+        if FP8_WEIGHTS.fullmatch(name):
+            quantized[name], quantized[name + "_scale"] = quantize_per_channel(t, torch.bfloat16)
+        else:
+            quantized[name] = t.to(torch.bfloat16)
+    write_hf(quantized, args, tokenizer, out)
+    config = json.loads((out / "config.json").read_text())
+    # the ignore list of llm-compressor's Pixtral recipe
+    ignore = ["language_model.lm_head", "re:vision_tower.*", "re:multi_modal_projector.*"]
+    config.update(torch_dtype="bfloat16", quantization_config=fp8_config(ignore))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = None, fp8: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
-    args = load_model_args(src)
-    state = {name: t for name, t, _ in iter_checkpoint(src, args)}
-    writer = write_hf if (src / MISTRAL_PARAMS).exists() else write_mistral
-    return writer(state, args, find_tokenizer_file(src), dst)
+    args = load_model_args(src, tokenizer)
+    if args.quantization:
+        raise ValueError(f"{src} is already quantized ({args.quantization}): convert its original weights")
+    state = dict(iter_checkpoint(src, args))
+    if fp8:
+        writer = write_hf_fp8
+    else:
+        writer = write_hf if (src / MISTRAL_PARAMS).exists() else write_mistral
+    return writer(state, args, find_tokenizer_file(src, tokenizer), dst)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
+    parser.add_argument("--tokenizer", type=Path, help="mistral-common tokenizer, if SRC ships none")
+    parser.add_argument("--fp8", action="store_true",
+                        help="write the HF layout with FP8 decoder weights (FP8-dynamic, per-channel scales)")
     ns = parser.parse_args()
-    print(convert(ns.src, ns.dst))
+    print(convert(ns.src, ns.dst, ns.tokenizer, ns.fp8))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         kv_width = args.n_kv_heads * args.head_dim
         # checkpoint tensors wq, wk, wv load into one matmul
+        fp8 = args.quantization == "fp8"
         self.wqkv = MergedColumnParallelLinear(args.dim, [args.n_heads * args.head_dim, kv_width, kv_width],
-                                               ["wq", "wk", "wv"], tp=tp)
-        self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp=tp)
+                                               ["wq", "wk", "wv"], tp=tp, fp8=fp8)
+        self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp=tp, fp8=fp8)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache | None) -> torch.Tensor:
@@ -45,8 +46,10 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, tp: ParallelContext) -> None:
         super().__init__()
         # checkpoint tensors w1 (gate) and w3 (up) load into one matmul
-        self.w13 = MergedColumnParallelLinear(args.dim, [args.hidden_dim, args.hidden_dim], ["w1", "w3"], tp=tp)
-        self.w2 = RowParallelLinear(args.hidden_dim, args.dim, tp=tp)  # down
+        fp8 = args.quantization == "fp8"
+        self.w13 = MergedColumnParallelLinear(args.dim, [args.hidden_dim, args.hidden_dim], ["w1", "w3"], tp=tp,
+                                              fp8=fp8)
+        self.w2 = RowParallelLinear(args.hidden_dim, args.dim, tp=tp, fp8=fp8)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x)

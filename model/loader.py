@@ -1,26 +1,31 @@
 """Load either checkpoint format into a PixtralModel.
 
-Build on the meta device (no memory), allocate directly in the requested dtype and device, then
-stream every tensor from memory-mapped safetensors files into its parameter. A parallel layer's
-`weight_loader` cuts its own tensor-parallel shard. Every parameter must be loaded exactly once and
-every checkpoint tensor must be used: anything else is an error that names the tensor.
+Build on the meta device (no memory) and match the checkpoint's headers against it first: every
+tensor's full shape is checked before anything is read, and every parameter must be loaded exactly
+once from a checkpoint tensor that the model uses (anything else is an error naming the tensors).
+Then allocate in the requested dtype and device and read, from memory-mapped safetensors files,
+only this rank's shard of each tensor (a parallel layer's `shard_of` says which).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from model.config import MISTRAL_PARAMS, ModelArgs, load_model_args
-from model.layers.linear import MergedColumnParallelLinear, copy_checked, pack_linear_weights
-from model.parallel import SINGLE, ParallelContext
+from model.layers.fp8 import cast_model
+from model.layers.linear import MergedColumnParallelLinear, pack_linear_weights
+from model.parallel import SINGLE, ParallelContext, Shard
 from model.pixtral import PixtralModel
 from model.vision_encoder import VisionEncoder
 
@@ -101,9 +106,10 @@ def mistral_to_hf_name(name: str) -> str:
 
 def rope_heads(name: str, args: ModelArgs) -> int | None:
     """Number of heads of a q/k projection (Mistral name), whose rows HF stores permuted."""
-    if re.fullmatch(r"layers\.\d+\.attention\.wq\.weight", name):
+    # an FP8 weight's per-row scales are permuted with its rows
+    if re.fullmatch(r"layers\.\d+\.attention\.wq\.weight(_scale)?", name):
         return args.n_heads
-    if re.fullmatch(r"layers\.\d+\.attention\.wk\.weight", name):
+    if re.fullmatch(r"layers\.\d+\.attention\.wk\.weight(_scale)?", name):
         return args.n_kv_heads
     if re.fullmatch(r"vision_encoder\.transformer\.layers\.\d+\.attention\.w[qk]\.weight", name):
         return args.vision_encoder.num_attention_heads
@@ -140,135 +146,268 @@ def checkpoint_files(checkpoint_dir: Path) -> tuple[str, list[Path]]:
     return fmt, files
 
 
-def iter_checkpoint(checkpoint_dir: Path, args: ModelArgs,
-                    wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Yield (mistral name, tensor, bytes) for every wanted tensor, in Mistral layout, memory-mapped.
-
-    Unwanted tensors are never read (a vision replica skips the decoder's gigabytes)."""
+def iter_checkpoint(checkpoint_dir: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Mistral name, whole tensor in Mistral layout) for every tensor of a checkpoint (for
+    conversion; serving loads through `load_model`, which reads only each rank's shard)."""
     fmt, files = checkpoint_files(checkpoint_dir)
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                if fmt == "hf" and HF_IGNORED.search(key):
+                name = _mistral_name(fmt, key, path)
+                if name is not None:
+                    heads = rope_heads(name, args) if fmt == "hf" else None
+                    tensor = f.get_tensor(key)
+                    yield name, (unpermute_from_hf(tensor, heads) if heads else tensor)
+
+
+def _mistral_name(fmt: str, key: str, path: Path) -> str | None:
+    """A checkpoint key in Mistral naming; None for HF buffers we recompute (rotary tables)."""
+    if fmt == "mistral":
+        return key
+    if HF_IGNORED.search(key):
+        return None
+    name = hf_to_mistral_name(key)
+    if name is None:
+        raise CheckpointError(f"checkpoint tensor {key} ({path.name}) has no place in the Pixtral model")
+    return name
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model its config describes; the message names the tensors."""
+
+
+# bytes per element of safetensors' dtype names (header only: nothing is read to learn them)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class TensorRead:
+    """One checkpoint tensor, as this process will read it."""
+
+    path: Path
+    key: str  # name in the file
+    name: str  # Mistral name
+    target: torch.Tensor  # where it goes: a parameter, or this part's rows of a merged one
+    shard: Shard | None  # None: read whole
+    rope_heads: int | None  # HF q/k: heads in the full tensor, whose rows to un-permute
+    nbytes: int  # bytes this process reads
+
+    def read(self, f) -> torch.Tensor:
+        if self.shard is None:
+            tensor = f.get_tensor(self.key)
+        else:
+            # get_slice copies only this range out of the memory map: a row-parallel shard is a
+            # strided column block, read row by row, never the whole tensor
+            lo, hi = self.shard.start, self.shard.start + self.shard.size
+            sliced = f.get_slice(self.key)
+            tensor = sliced[lo:hi] if self.shard.dim == 0 else sliced[:, lo:hi]
+        if self.rope_heads:
+            # shards hold whole heads, and HF permutes rows within each head
+            rows = self.shard.size * self.shard.world_size if self.shard else tensor.shape[0]
+            assert self.shard is None or self.shard.dim == 0, f"{self.name}: q/k must be split by rows"
+            tensor = unpermute_from_hf(tensor, self.rope_heads * tensor.shape[0] // rows)
+        return tensor
+
+
+def plan_reads(model: torch.nn.Module, checkpoint_dir: Path, args: ModelArgs,
+               wanted: Callable[[str], bool] = lambda name: True, prefix: str = "") -> list[TensorRead]:
+    """Match every checkpoint tensor to its place in `model`, from the files' headers alone.
+
+    Each tensor's full shape is compared with the model's full (unsharded) shape before anything
+    is read, on every rank and at every tensor-parallel size. All problems are reported at once,
+    each naming its tensor: unknown, duplicated, mis-shaped and missing tensors.
+    Works on a model on the meta device (nothing is allocated or read)."""
+    fmt, files = checkpoint_files(checkpoint_dir)
+    places = checkpoint_places(model)
+    reads: dict[str, TensorRead] = {}
+    seen: set[str] = set()
+    unknown, twice, misshaped = [], [], []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                try:
+                    full_name = _mistral_name(fmt, key, path)
+                except CheckpointError:
+                    unknown.append(key)
                     continue
-                name = key if fmt == "mistral" else hf_to_mistral_name(key)
-                if name is None:
-                    raise KeyError(f"checkpoint tensor {key} ({path.name}) has no place in the Pixtral model")
-                if not wanted(name):
+                if full_name is None or not wanted(full_name):
                     continue
-                tensor = f.get_tensor(key)
-                heads = rope_heads(name, args) if fmt == "hf" else None
-                yield name, (unpermute_from_hf(tensor, heads) if heads else tensor), tensor.numel() * tensor.element_size()
+                name = full_name.removeprefix(prefix)
+                if name not in places:
+                    unknown.append(full_name)
+                    continue
+                if name in seen:
+                    twice.append(full_name)
+                    continue
+                seen.add(name)
+                target, shard = places[name]
+                expected = shard.full_shape(tuple(target.shape)) if shard else tuple(target.shape)
+                header = f.get_slice(key)
+                shape = tuple(header.get_shape())
+                if shape != expected:
+                    misshaped.append(f"{full_name}: checkpoint shape {shape} != model shape {expected}")
+                    continue
+                local = math.prod(target.shape) * DTYPE_BYTES.get(header.get_dtype(), 4)
+                heads = rope_heads(full_name, args) if fmt == "hf" else None
+                reads[name] = TensorRead(path, key, full_name, target, shard, heads, local)
+    missing = sorted(prefix + n for n in set(places) - seen)
+    problems = [(unknown, "tensors with no parameter in the model (wrong config?)"), (twice, "tensors stored twice"),
+                (misshaped, "mis-shaped tensors"), (missing, "missing tensors")]
+    found = [f"{len(items)} {what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+             for items, what in problems if items]
+    if found:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} does not fit its config: " + "; ".join(found))
+    return list(reads.values())
 
 
-def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               tp: ParallelContext = SINGLE, with_vision_encoder: bool = True) -> PixtralModel:
-    checkpoint_dir = Path(checkpoint_dir)
-    args = load_model_args(checkpoint_dir)
-    with torch.device("meta"):
-        model = PixtralModel(args, tp, with_vision_encoder=with_vision_encoder)
-    model.to(dtype=dtype)
-    model.to_empty(device=device)
-    load_weights(model, checkpoint_dir)
-    pack_linear_weights(model)  # CPU only; after the last change to the weights
-    return model.eval()
+def checkpoint_places(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Shard | None]]:
+    """Checkpoint tensor name (Mistral) -> (where this rank's piece goes, which piece).
 
-
-def load_vision_encoder(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> VisionEncoder:
-    """Only the vision encoder, for the vision pool: the decoder's tensors are never read."""
-    checkpoint_dir = Path(checkpoint_dir)
-    args = load_model_args(checkpoint_dir)
-    assert args.vision_encoder is not None, f"{checkpoint_dir} has no vision encoder"
-    with torch.device("meta"):
-        encoder = VisionEncoder(args.vision_encoder)
-    encoder.to(dtype=dtype)
-    encoder.to_empty(device=device)
-    prefix = "vision_encoder."
-    _load_into(encoder, iter_checkpoint(checkpoint_dir, args, lambda n: n.startswith(prefix)), checkpoint_dir, prefix)
-    pack_linear_weights(encoder)
-    return encoder.eval()
-
-
-def load_weights(model: PixtralModel, checkpoint_dir: Path) -> None:
-    # decoder replicas leave the encoder to the vision pool
-    skip_vision = model.vision_encoder is None
-    wanted = (lambda n: not n.startswith("vision_encoder.")) if skip_vision else (lambda n: True)
-    _load_into(model, iter_checkpoint(checkpoint_dir, model.args, wanted), checkpoint_dir)
-
-
-def checkpoint_layout(model: torch.nn.Module) -> dict[str, tuple[str, int | None]]:
-    """Checkpoint tensor name -> (parameter name, part index for merged layers, else None)."""
-    layout = {}
-    for pname, _ in model.named_parameters():
+    A merged layer (q/k/v, gate/up) stores its parts as separate checkpoint tensors; a parallel
+    layer names its shard; every other parameter is replicated whole."""
+    places = {}
+    for pname, param in model.named_parameters():
         owner_name, _, leaf = pname.rpartition(".")
         owner = model.get_submodule(owner_name)
         if isinstance(owner, MergedColumnParallelLinear):
             parent = owner_name.rpartition(".")[0]
             for part, short in enumerate(owner.part_names):
-                layout[f"{parent}.{short}.{leaf}".lstrip(".")] = (pname, part)
+                places[f"{parent}.{short}.{leaf}".lstrip(".")] = owner.shard_of(param, part)
+        elif hasattr(owner, "shard_of"):
+            places[pname] = owner.shard_of(param)
         else:
-            layout[pname] = (pname, None)
-    return layout
+            places[pname] = (param, None)
+    return {name: (target, shard if shard and shard.world_size > 1 else None)
+            for name, (target, shard) in places.items()}
 
 
 def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shape of every checkpoint tensor the model expects."""
-    shapes = {}
-    for name, (pname, part) in checkpoint_layout(model).items():
-        param = model.get_parameter(pname)
-        if part is None:
-            shapes[name] = tuple(param.shape)
-        else:
-            owner = model.get_submodule(pname.rpartition(".")[0])
-            shapes[name] = (owner.full_sizes[part], *param.shape[1:])
-    return shapes
+    return {name: shard.full_shape(tuple(target.shape)) if shard else tuple(target.shape)
+            for name, (target, shard) in checkpoint_places(model).items()}
 
 
-def _load_into(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor, int]], checkpoint_dir: Path,
-               prefix: str = "") -> None:
-    layout = checkpoint_layout(model)
-    loaded: set[str] = set()
-    total = sum(p.stat().st_size for p in checkpoint_files(checkpoint_dir)[1])
-    progress = _Progress(total, checkpoint_dir)
-    for full_name, tensor, nbytes in tensors:
-        progress.advance(nbytes)
-        name = full_name.removeprefix(prefix)
-        if name not in layout:
-            raise KeyError(f"checkpoint tensor {full_name} has no parameter in the model (wrong config?)")
-        if name in loaded:
-            raise KeyError(f"checkpoint tensor {full_name} appears twice")
-        pname, part = layout[name]
-        param = model.get_parameter(pname)
-        # Parallel layers cut their own shard; everything else is replicated whole.
-        owner = model.get_submodule(pname.rpartition(".")[0])
-        with torch.no_grad():
-            if part is not None:
-                owner.weight_loader(param, tensor, full_name, part)
-            elif hasattr(owner, "weight_loader"):
-                owner.weight_loader(param, tensor, full_name)
-            else:
-                copy_checked(param, tensor, full_name)
-        loaded.add(name)
-    missing = sorted(prefix + n for n in set(layout) - loaded)
-    if missing:
-        raise KeyError(f"checkpoint {checkpoint_dir} lacks {len(missing)} tensors, first: {missing[:5]}")
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               tp: ParallelContext = SINGLE, with_vision_encoder: bool = True,
+               tokenizer: str | Path | None = None) -> PixtralModel:
+    """Build the model (this rank's shard) on `device` and read its weights from the checkpoint.
+
+    Decoder replicas pass with_vision_encoder=False and never read the encoder's tensors."""
+    checkpoint_dir = Path(checkpoint_dir)
+    args = load_model_args(checkpoint_dir, tokenizer)
+    with torch.device("meta"):
+        model = PixtralModel(args, tp, with_vision_encoder=with_vision_encoder)
+    wanted = (lambda n: True) if with_vision_encoder else (lambda n: not n.startswith("vision_encoder."))
+    reads = plan_reads(model, checkpoint_dir, args, wanted)  # before allocating anything
+    cast_model(model, dtype)  # FP8 weights and their scales keep their own dtypes
+    model.to_empty(device=device)
+    _places_after_allocation(model, reads)
+    read_weights(reads, checkpoint_dir, report=tp.rank == 0)
+    pack_linear_weights(model)  # CPU only; after the last change to the weights
+    return model.eval()
+
+
+def load_vision_encoder(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None) -> VisionEncoder:
+    """Only the vision encoder, for the vision pool: the decoder's tensors are never read."""
+    checkpoint_dir = Path(checkpoint_dir)
+    args = load_model_args(checkpoint_dir, tokenizer)
+    assert args.vision_encoder is not None, f"{checkpoint_dir} has no vision encoder"
+    with torch.device("meta"):
+        encoder = VisionEncoder(args.vision_encoder)
+    prefix = "vision_encoder."
+    reads = plan_reads(encoder, checkpoint_dir, args, lambda n: n.startswith(prefix), prefix)
+    encoder.to(dtype=dtype)
+    encoder.to_empty(device=device)
+    _places_after_allocation(encoder, reads, prefix)
+    read_weights(reads, checkpoint_dir, report=True)
+    pack_linear_weights(encoder)
+    return encoder.eval()
+
+
+def _places_after_allocation(model: torch.nn.Module, reads: list[TensorRead], prefix: str = "") -> None:
+    """Point each read at the allocated parameter (the plan was made on the meta device)."""
+    places = checkpoint_places(model)
+    for r in reads:
+        r.target = places[r.name.removeprefix(prefix)][0]
+
+
+def read_weights(reads: list[TensorRead], checkpoint_dir: Path, report: bool) -> int:
+    """Read the planned tensors file by file into their targets; returns the bytes read."""
+    progress = LoadProgress(sum(r.nbytes for r in reads), checkpoint_dir, enabled=report)
+    to_device = HostToDevice()
+    by_file: dict[Path, list[TensorRead]] = {}
+    for r in reads:
+        by_file.setdefault(r.path, []).append(r)
+    with torch.no_grad():
+        for path, file_reads in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for r in file_reads:
+                    tensor = r.read(f)
+                    to_device.copy(r.target, tensor)
+                    progress.advance(tensor.numel() * tensor.element_size())
+    to_device.wait()
     progress.done()
+    return progress.done_bytes
 
 
-class _Progress:
-    """Logs how much of a checkpoint has been read, at most every few seconds."""
+class HostToDevice:
+    """Copies host tensors into parameters. To a GPU the copy goes through pinned memory and does
+    not wait: the next tensor is read from disk while this one is in flight (bounded bytes)."""
 
-    def __init__(self, total_bytes: int, where: Path) -> None:
-        self.total, self.done_bytes, self.where = max(total_bytes, 1), 0, where
+    MAX_IN_FLIGHT_BYTES = 1 << 30
+
+    def __init__(self) -> None:
+        self.in_flight: list[torch.Tensor] = []
+        self.in_flight_bytes = 0
+
+    def copy(self, target: torch.Tensor, host: torch.Tensor) -> None:
+        if target.device.type != "cuda":
+            target.copy_(host)
+            return
+        staged = host.pin_memory()
+        target.copy_(staged, non_blocking=True)
+        self.in_flight.append(staged)  # must outlive its copy
+        self.in_flight_bytes += staged.numel() * staged.element_size()
+        if self.in_flight_bytes > self.MAX_IN_FLIGHT_BYTES:
+            self.wait()
+
+    def wait(self) -> None:
+        if self.in_flight:
+            torch.cuda.synchronize()
+            self.in_flight.clear()
+            self.in_flight_bytes = 0
+
+
+class LoadProgress:
+    """How much of its share of a checkpoint this process has read: a progress bar on a terminal,
+    a log line every few seconds otherwise, and the total time at the end. Only one process of a
+    tensor-parallel group reports (rank 0); the others count silently."""
+
+    LOG_EVERY_S = 5.0
+
+    def __init__(self, total_bytes: int, where: Path, enabled: bool = True) -> None:
+        self.total, self.done_bytes, self.where, self.enabled = max(total_bytes, 1), 0, where, enabled
         self.start = self.last = time.monotonic()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {where.name}")
 
     def advance(self, nbytes: int) -> None:
         self.done_bytes += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            return
         now = time.monotonic()
-        if now - self.last > 5:
+        if self.enabled and now - self.last > self.LOG_EVERY_S:
             self.last = now
-            log.info("loading %s: %.0f%% of %.1f GB", self.where, 100 * self.done_bytes / self.total, self.total / 1e9)
+            log.info("loading %s: %.0f%% of %.2f GB", self.where, 100 * self.done_bytes / self.total, self.total / 1e9)
 
     def done(self) -> None:
-        log.info("loaded %s (%.2f GB) in %.1fs", self.where, self.total / 1e9, time.monotonic() - self.start)
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            log.info("loaded %s: read %.2f GB in %.1fs", self.where, self.done_bytes / 1e9, time.monotonic() - self.start)

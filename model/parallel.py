@@ -14,6 +14,22 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
+class Shard:
+    """This rank's piece of a checkpoint tensor: `size` indices from `start` along `dim`, out of
+    `size * world_size` (equal shares)."""
+
+    dim: int
+    start: int
+    size: int
+    world_size: int
+
+    def full_shape(self, local_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = list(local_shape)
+        shape[self.dim] = self.size * self.world_size
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
 class ParallelContext:
     rank: int = 0
     world_size: int = 1
@@ -25,6 +41,10 @@ class ParallelContext:
         """Size of this rank's equal share of `size`."""
         assert size % self.world_size == 0, f"{what} {size} is not divisible by tensor_parallel_size {self.world_size}"
         return size // self.world_size
+
+    def shard_slice(self, dim: int, local_size: int) -> Shard:
+        """Where this rank's `local_size` share along `dim` lies in the full tensor."""
+        return Shard(dim, self.rank * local_size, local_size, self.world_size)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

@@ -37,7 +37,7 @@ SHAPES = {
     "large": dict(
         tokenizer="mistral_instruct_tokenizer_241114.model.v7m1",
         args=dict(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
-                  vocab_size=32768, rope_theta=1e6),
+                  vocab_size=32768, rope_theta=1e9),
         vision=dict(hidden_size=48, num_channels=3, max_image_size=1024, patch_size=16, rope_theta=10000.0,
                     intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_token_id=10,
                     image_break_token_id=14, image_end_token_id=15, adapter_bias=False),

@@ -41,7 +41,7 @@ def decoder_bundles(cfg: AppConfig) -> list[dict[str, float]]:
     """Bundle 0 holds the replica (engine bookkeeping); with TP > 1, one more bundle per rank."""
     d = cfg.decoder
     extra = _resources(d.accelerator_type, d.resources)
-    gpu = 1.0 if cfg.device == "cuda" else 0.0
+    gpu = d.gpus_per_rank if cfg.device == "cuda" else 0.0
     if d.tensor_parallel_size == 1:  # the replica runs the model itself
         return [{"CPU": d.cpus_per_rank, **({"GPU": gpu} if gpu else {}), **extra}]
     rank = {"CPU": d.cpus_per_rank, **({"GPU": gpu} if gpu else {}), **extra}

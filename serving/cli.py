@@ -1,7 +1,8 @@
 """`pixtral-serve`: start local Ray and the whole application with one command.
 
     pixtral-serve                         # the built-in tiny demo checkpoint, CPU, 127.0.0.1:8000
-    pixtral-serve --model /models/Pixtral-12B-2409 --device cuda --dtype bfloat16
+    pixtral-serve --model /models/Pixtral-12B-2409 --device cuda      # bf16 on CUDA unless --dtype says
+    pixtral-serve --model /models/pixtral-12b-hf --tokenizer /models/tekken.json   # a community HF repo
     pixtral-serve --model DIR --tensor-parallel-size 8 --vision-replicas auto --vision-max-replicas 4
 """
 
@@ -23,19 +24,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pixtral-serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (Mistral or Hugging Face format); default: tiny demo")
+    p.add_argument("--tokenizer", help="mistral-common tokenizer file (tekken.json or tokenizer.model.v*), for "
+                   "checkpoints that ship none, such as community Hugging Face repos")
     p.add_argument("--config", type=Path, help="YAML/JSON file of AppConfig fields (flags override it)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name")
     p.add_argument("--model-alias", action="append", default=None, help="another accepted model name (repeat)")
     p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--decoder-replicas", type=int)
     p.add_argument("--vision-replicas", help="a number, or 'auto' to autoscale")
     p.add_argument("--vision-min-replicas", type=int)
     p.add_argument("--vision-max-replicas", type=int)
-    p.add_argument("--vision-gpus", type=float, help="GPUs per vision replica (fractions allowed)")
+    p.add_argument("--vision-gpus", type=float, help="GPUs per vision replica (fractions allowed; default 0.1 on cuda)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-images", type=int, help="images per request (default 12)")
     p.add_argument("--max-image-pixels", type=int)
@@ -65,7 +69,7 @@ def config_from_args(ns: argparse.Namespace) -> AppConfig:
         data.setdefault("vision", {"num_cpus": 0.3, "max_replicas": 2})
         data.setdefault("decoder", {"cpus_per_rank": 1.0, "kv_cache_bytes": 256 << 20})
     simple = {"served_model_name": ns.served_model_name, "model_aliases": ns.model_alias, "device": ns.device,
-              "dtype": ns.dtype, "max_model_len": ns.max_model_len}
+              "dtype": ns.dtype, "max_model_len": ns.max_model_len, "tokenizer": ns.tokenizer}
     data.update({k: v for k, v in simple.items() if v is not None})
     keys = ns.api_key or [k for k in os.environ.get("PIXTRAL_SERVE_API_KEYS", "").split(",") if k]
     if keys:

@@ -9,6 +9,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# On CUDA, the share of one GPU that a vision replica and a decoder rank ask Ray for by default.
+# Together they make one GPU, so a vision replica fits beside each decoder rank (whose KV cache
+# leaves 1 - gpu_memory_utilization of the memory free) as well as on GPUs of its own; Ray then
+# accounts for every GPU the app uses.
+VISION_GPU_SHARE = 0.1
+DECODER_GPU_SHARE = 1.0 - VISION_GPU_SHARE
+
 
 @dataclass
 class ImageLimits:
@@ -35,7 +42,7 @@ class VisionPoolConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # fractional GPUs are fine: the encoder is small
+    num_gpus: float | None = None  # default: VISION_GPU_SHARE on CUDA, 0 on CPU (the encoder is small)
     cache_bytes: int = 256 << 20  # encoder-output cache, keyed by image content hash
     accelerator_type: str | None = None  # e.g. "L4": land on the nodes that name it
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources to require
@@ -46,6 +53,7 @@ class DecoderConfig:
     num_replicas: int = 1
     tensor_parallel_size: int = 1
     cpus_per_rank: float = 1.0
+    gpus_per_rank: float | None = None  # default: DECODER_GPU_SHARE on CUDA
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -70,10 +78,11 @@ class IngressConfig:
 @dataclass
 class AppConfig:
     model: str  # checkpoint directory (either format)
+    tokenizer: str | None = None  # mistral-common tokenizer file, for checkpoints that ship none
     served_model_name: str = "pixtral"
     model_aliases: list[str] = field(default_factory=list)
     device: str = "cpu"  # "cpu" | "cuda"
-    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; default: bfloat16 on CUDA, float32 on CPU
     max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV cache
     default_max_tokens: int = 1024
     # per request, over its n choices: generated tokens, and logprob entries to build (each
@@ -88,9 +97,22 @@ class AppConfig:
     ingress: IngressConfig = field(default_factory=IngressConfig)
 
     def __post_init__(self) -> None:
-        assert self.device in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device}"
-        assert self.dtype in ("float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"
-        assert self.decoder.tensor_parallel_size >= 1, self.decoder.tensor_parallel_size
+        """Check the values, and fill the defaults that depend on the device."""
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        cuda = self.device == "cuda"
+        if self.dtype is None:
+            self.dtype = "bfloat16" if cuda else "float32"
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}: float32, bfloat16 or float16")
+        if self.decoder.tensor_parallel_size < 1:
+            raise ValueError(f"decoder.tensor_parallel_size must be at least 1, got {self.decoder.tensor_parallel_size}")
+        if self.vision.num_gpus is None:
+            self.vision.num_gpus = VISION_GPU_SHARE if cuda else 0.0
+        if self.decoder.gpus_per_rank is None:
+            self.decoder.gpus_per_rank = DECODER_GPU_SHARE if cuda else 0.0
+        if cuda and not 0 < self.decoder.gpus_per_rank <= 1:
+            raise ValueError(f"decoder.gpus_per_rank must be in (0, 1] on CUDA, got {self.decoder.gpus_per_rank}")
 
     @property
     def model_names(self) -> list[str]:

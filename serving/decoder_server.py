@@ -52,17 +52,20 @@ class DecoderServer:
             device = "cuda" if cfg.device == "cuda" else "cpu"
             from model.loader import load_model
 
-            model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype), with_vision_encoder=False)
-            engine = build_local_engine(cfg.model, model=model, kv=kv, block_size=d.block_size, **overrides)
+            model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype), with_vision_encoder=False,
+                               tokenizer=cfg.tokenizer)
+            engine = build_local_engine(cfg.model, model=model, kv=kv, block_size=d.block_size, tokenizer=cfg.tokenizer,
+                                        **overrides)
         else:
             from ray.util import get_current_placement_group
 
             from serving.tp_executor import RankResources, build_tp_engine
 
             # bundle 0 of the replica's placement group is the replica itself; the ranks take 1..tp
-            engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, RankResources(cfg.device, d.cpus_per_rank),
-                                        cfg.dtype, kv, d.block_size, pg=get_current_placement_group(),
-                                        first_bundle=1, **overrides)
+            resources = RankResources(cfg.device, d.cpus_per_rank, d.gpus_per_rank)
+            engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, resources, cfg.dtype, kv, d.block_size,
+                                        pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
+                                        **overrides)
         self.engine = AsyncEngine(engine)
         self.tags = {"model": cfg.served_model_name}
         self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0, "failed_requests": 0}

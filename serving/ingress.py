@@ -199,9 +199,9 @@ class OpenAIIngress:
         self.cfg = AppConfig.from_dict(config)
         self.vision = vision
         self.decoder = decoder
-        self.tokenizer = ChatTokenizer(find_tokenizer_file(self.cfg.model))
+        self.tokenizer = ChatTokenizer(find_tokenizer_file(self.cfg.model, self.cfg.tokenizer))
         self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
-        args = load_model_args(self.cfg.model).vision_encoder
+        args = load_model_args(self.cfg.model, self.cfg.tokenizer).vision_encoder
         self.geometry = ImageGeometry(args.patch_size, args.max_image_size,
                                       args.spatial_merge_size if args.uses_patch_merger else 1)
         self._decoder_info: dict | None = None

@@ -30,10 +30,11 @@ from serving.logs import setup_logging
 class RankResources:
     device: str = "cpu"  # "cpu" or "cuda"
     cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0  # what each rank asks Ray for on CUDA: one GPU each, shared at most with a vision replica
 
-    @property
-    def gpus_per_rank(self) -> float:
-        return 1.0 if self.device == "cuda" else 0.0
+    def __post_init__(self) -> None:
+        if self.device == "cuda" and not self.gpus_per_rank:
+            self.gpus_per_rank = 1.0
 
 
 def placement_bundles(tensor_parallel_size: int, resources: RankResources) -> list[dict[str, float]]:
@@ -47,14 +48,14 @@ def placement_bundles(tensor_parallel_size: int, resources: RankResources) -> li
 @ray.remote
 class RankWorker:
     def __init__(self, checkpoint: str, rank: int, world_size: int, init_method: str, device: str,
-                 dtype: str, cpu_threads: int) -> None:
+                 dtype: str, cpu_threads: int, tokenizer: str | None = None) -> None:
         setup_logging()
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         backend = "nccl" if device == "cuda" else "gloo"
         self.tp = init_distributed(rank, world_size, init_method, backend)
         self.model = load_model(checkpoint, device=device, dtype=getattr(torch, dtype), tp=self.tp,
-                                with_vision_encoder=False)
+                                with_vision_encoder=False, tokenizer=tokenizer)
         self.runner: ModelRunner | None = None
 
     def num_blocks(self, budget: KVBudget, block_size: int) -> int:
@@ -80,7 +81,7 @@ def _free_port_and_ip() -> tuple[str, int]:
 class RayTPExecutor:
     def __init__(self, checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                  kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
-                 first_bundle: int = 0) -> None:
+                 first_bundle: int = 0, tokenizer: str | None = None) -> None:
         size = tensor_parallel_size
         self.step_timeout_s = 300.0
         self.owns_pg = pg is None
@@ -96,7 +97,7 @@ class RayTPExecutor:
             RankWorker.options(
                 name=f"pixtral-tp-rank{r}-{group}", num_cpus=resources.cpus_per_rank, num_gpus=resources.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + r),
-            ).remote(checkpoint, r, size, f"tcp://{ip}:{port}", resources.device, dtype, threads)
+            ).remote(checkpoint, r, size, f"tcp://{ip}:{port}", resources.device, dtype, threads, tokenizer)
             for r in range(size)
         ]
         budget = kv or KVBudget()
@@ -131,10 +132,12 @@ class RayTPExecutor:
 
 def build_tp_engine(checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                     kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
-                    first_bundle: int = 0, **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
+                    first_bundle: int = 0, tokenizer: str | None = None,
+                    **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
     """An engine whose model runs on `tensor_parallel_size` Ray actors (in bundles first_bundle...)."""
-    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle)
-    decode, eos = tokenizer_decode(checkpoint)
-    config = engine_config_for(load_model_args(checkpoint), executor.num_blocks, eos, block_size=block_size,
+    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle,
+                             tokenizer)
+    decode, eos = tokenizer_decode(checkpoint, tokenizer)
+    config = engine_config_for(load_model_args(checkpoint, tokenizer), executor.num_blocks, eos, block_size=block_size,
                                **engine_overrides)
     return LLMEngine(executor, config, decode), executor

@@ -75,7 +75,8 @@ class VisionEncoderServer:
         cfg = AppConfig.from_dict(config)
         self.tags = {"model": cfg.served_model_name}
         self.device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
-        self.encoder = load_vision_encoder(cfg.model, device=self.device, dtype=getattr(torch, cfg.dtype))
+        self.encoder = load_vision_encoder(cfg.model, device=self.device, dtype=getattr(torch, cfg.dtype),
+                                           tokenizer=cfg.tokenizer)
         self.cache = EncoderCache(cfg.vision.cache_bytes)
         self._encode_batch.set_max_batch_size(cfg.vision.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)

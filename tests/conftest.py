@@ -10,6 +10,16 @@ from model.tiny import make_tiny_checkpoint
 from tests.helpers import deploy_test_app, free_port, wait_healthy
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run on a GPU machine (see the README); here they are reported as skipped."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def hf_12b(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("hf_12b"), fmt="hf", shape="12b", seed=1)

@@ -25,3 +25,24 @@ def test_no_model_means_the_cached_tiny_demo(tmp_path, monkeypatch):
     cfg = config_from_args(parse_args([]))
     assert cfg.model == str(tmp_path / "tiny-12b") and (tmp_path / "tiny-12b" / "params.json").exists()
     assert "pixtral-12b-2409" in cfg.model_names and cfg.api_keys == []
+
+
+def test_cuda_defaults_to_bf16_and_accounts_for_every_gpu():
+    from serving.app import decoder_bundles, decoder_options, vision_options
+    from serving.config import DECODER_GPU_SHARE, VISION_GPU_SHARE
+
+    cfg = config_from_args(parse_args(["--model", "/models/x", "--device", "cuda", "--tensor-parallel-size", "2",
+                                       "--tokenizer", "/models/tekken.json"]))
+    assert cfg.dtype == "bfloat16" and cfg.tokenizer == "/models/tekken.json"
+    assert vision_options(cfg)["ray_actor_options"]["num_gpus"] == VISION_GPU_SHARE == 0.1
+    # the ranks' bundles hold the GPUs; a vision replica still fits beside each rank
+    assert [b.get("GPU", 0) for b in decoder_bundles(cfg)] == [0, DECODER_GPU_SHARE, DECODER_GPU_SHARE]
+    assert DECODER_GPU_SHARE + VISION_GPU_SHARE == 1.0
+    single = config_from_args(parse_args(["--model", "/models/x", "--device", "cuda"]))
+    assert decoder_options(single)["ray_actor_options"]["num_gpus"] == DECODER_GPU_SHARE
+    explicit = config_from_args(parse_args(["--model", "/models/x", "--device", "cuda", "--dtype", "float16",
+                                            "--vision-gpus", "0.5"]))
+    assert explicit.dtype == "float16" and vision_options(explicit)["ray_actor_options"]["num_gpus"] == 0.5
+    cpu = config_from_args(parse_args(["--model", "/models/x"]))
+    assert cpu.dtype == "float32" and vision_options(cpu)["ray_actor_options"]["num_gpus"] == 0
+    assert [b.get("GPU", 0) for b in decoder_bundles(cpu)] == [0]

@@ -65,13 +65,14 @@ class LocalExecutor:
             raise
 
 
-def tokenizer_decode(checkpoint_dir: str | Path):
+def tokenizer_decode(checkpoint_dir: str | Path, tokenizer_file: str | Path | None = None):
     """mistral-common's detokenizer for a checkpoint (special tokens dropped)."""
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from model.config import find_tokenizer_file
 
-    tokenizer = MistralTokenizer.from_file(str(find_tokenizer_file(checkpoint_dir))).instruct_tokenizer.tokenizer
+    path = find_tokenizer_file(checkpoint_dir, tokenizer_file)
+    tokenizer = MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
     return tokenizer.decode, tokenizer.eos_id
 
 
@@ -88,10 +89,11 @@ def engine_config_for(args: ModelArgs, num_blocks: int, eos_token_id: int, **ove
 
 def build_local_engine(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                        kv: KVBudget | None = None, block_size: int = 16, model: PixtralModel | None = None,
-                       num_blocks: int | None = None, **engine_overrides) -> LLMEngine:
+                       num_blocks: int | None = None, tokenizer: str | Path | None = None,
+                       **engine_overrides) -> LLMEngine:
     """An engine on one device; `num_blocks` fixes the KV cache size instead of the memory budget."""
-    model = model or load_model(checkpoint_dir, device=device, dtype=dtype)
+    model = model or load_model(checkpoint_dir, device=device, dtype=dtype, tokenizer=tokenizer)
     num_blocks = num_blocks or (kv or KVBudget()).num_blocks(model, block_size)
-    decode, eos = tokenizer_decode(checkpoint_dir)
+    decode, eos = tokenizer_decode(checkpoint_dir, tokenizer)
     config = engine_config_for(model.args, num_blocks, eos, block_size=block_size, **engine_overrides)
     return LLMEngine(LocalExecutor(ModelRunner(model, num_blocks, block_size)), config, decode)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers.linear import PackableLinear, copy_checked, linear
-from model.parallel import SINGLE, ParallelContext
+from model.layers.linear import PackableLinear, linear
+from model.parallel import SINGLE, ParallelContext, Shard
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,8 +20,8 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.shard
         self.weight = nn.Parameter(torch.empty(self.shard, dim))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
-        copy_checked(param, loaded.narrow(0, self.start, self.shard) if self.tp.world_size > 1 else loaded, name)
+    def shard_of(self, param: nn.Parameter, part: int | None = None) -> tuple[torch.Tensor, Shard]:
+        return param, self.tp.shard_slice(0, self.shard)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

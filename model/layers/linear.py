@@ -1,8 +1,12 @@
-"""Linear layers that hold one tensor-parallel shard and load it from the full checkpoint tensor.
+"""Linear layers that hold one tensor-parallel shard, and say where it lies in the checkpoint.
 
 ColumnParallelLinear splits the output features (no communication); RowParallelLinear splits the
 input features and all-reduces the partial sums. A column layer followed by a row layer (attention
 qkv -> wo, feed-forward w1/w3 -> w2) needs exactly one all-reduce.
+
+A sharded layer never sees the full tensor: its `shard_of` tells the loader which slice of the
+checkpoint tensor to read and where in the parameter it goes, so each rank reads only its shard
+and the loader can check the full shape before reading anything.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.parallel import SINGLE, ParallelContext
+from model.layers.fp8 import FP8_DTYPE, fp8_linear, fp8_parameters
+from model.parallel import SINGLE, ParallelContext, Shard
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +94,13 @@ class PackableLinear:
 
     packed_weight: torch.Tensor | None = None
 
+    @property
+    def packable(self) -> bool:
+        return self.weight.device.type == "cpu" and self.weight.dtype != FP8_DTYPE  # FP8 dequantises per matmul
+
     def pack(self, enabled: bool = True) -> None:
         self.packed_weight = None
-        if enabled and self.weight.device.type == "cpu" and packing_path(self.weight.dtype)[0]:
+        if enabled and self.packable and packing_path(self.weight.dtype)[0]:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
 
@@ -104,7 +113,7 @@ def pack_linear_weights(model: nn.Module, enabled: bool = True) -> int:
         if isinstance(module, PackableLinear):
             module.pack(enabled)
             packed += module.packed_weight is not None
-            if enabled and module.weight.device.type == "cpu":
+            if enabled and module.packable:
                 _log_packing_path(module.weight.dtype, *packing_path(module.weight.dtype))
     return packed
 
@@ -119,12 +128,6 @@ class Linear(PackableLinear, nn.Linear):
         return linear(x, self.weight, self.bias, self.packed_weight)
 
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"tensor {name}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}")
-    param.data.copy_(loaded)
-
-
 class ColumnParallelLinear(PackableLinear, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: ParallelContext = SINGLE) -> None:
         super().__init__()
@@ -132,26 +135,34 @@ class ColumnParallelLinear(PackableLinear, nn.Module):
         self.weight = nn.Parameter(torch.empty(tp.shard(out_features, "output features"), in_features))
         self.bias = nn.Parameter(torch.empty(self.weight.shape[0])) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
-        shard = param.shape[0]
-        copy_checked(param, loaded.narrow(0, self.tp.rank * shard, shard) if self.tp.world_size > 1 else loaded, name)
+    def shard_of(self, param: nn.Parameter, part: int | None = None) -> tuple[torch.Tensor, Shard]:
+        return param, self.tp.shard_slice(0, param.shape[0])  # weight rows and bias alike
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class RowParallelLinear(PackableLinear, nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: ParallelContext = SINGLE) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: ParallelContext = SINGLE,
+                 fp8: bool = False) -> None:
         super().__init__()
         assert not bias, "row-parallel bias would be added once per rank"
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_features, tp.shard(in_features, "input features")))
+        local_in = tp.shard(in_features, "input features")
+        if fp8:  # the per-output-channel scale is whole on every rank
+            self.weight, self.weight_scale = fp8_parameters(out_features, local_in)
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, local_in))
+            self.weight_scale = None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
-        shard = param.shape[1]
-        copy_checked(param, loaded.narrow(1, self.tp.rank * shard, shard) if self.tp.world_size > 1 else loaded, name)
+    def shard_of(self, param: nn.Parameter, part: int | None = None) -> tuple[torch.Tensor, Shard]:
+        if param is self.weight_scale:
+            return param, Shard(0, 0, param.shape[0], 1)
+        return param, self.tp.shard_slice(1, param.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return self.tp.all_reduce(fp8_linear(x, self.weight, self.weight_scale))
         return self.tp.all_reduce(linear(x, self.weight, packed=self.packed_weight))
 
 
@@ -163,19 +174,26 @@ class MergedColumnParallelLinear(PackableLinear, nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: list[int], part_names: list[str],
-                 tp: ParallelContext = SINGLE) -> None:
+                 tp: ParallelContext = SINGLE, fp8: bool = False) -> None:
         super().__init__()
         assert len(out_features) == len(part_names), (out_features, part_names)
         self.tp = tp
         self.part_names = part_names
         self.full_sizes = list(out_features)
         self.sizes = [tp.shard(n, f"output features of {p}") for n, p in zip(out_features, part_names)]
-        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
+        if fp8:  # each part's scale rows sit beside its weight rows
+            self.weight, self.weight_scale = fp8_parameters(sum(self.sizes), in_features)
+        else:
+            self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
+            self.weight_scale = None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str, part: int) -> None:
+    def shard_of(self, param: nn.Parameter, part: int | None = None) -> tuple[torch.Tensor, Shard]:
+        """Part `part` (e.g. k of q/k/v): this rank's slice of it, into its own rows of the weight."""
+        assert part is not None, "a merged layer loads part by part"
         size, offset = self.sizes[part], sum(self.sizes[:part])
-        shard = loaded.narrow(0, self.tp.rank * size, size) if self.tp.world_size > 1 else loaded
-        copy_checked(param.data.narrow(0, offset, size), shard, name)
+        return param.data.narrow(0, offset, size), self.tp.shard_slice(0, size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale).split(self.sizes, dim=-1)
         return linear(x, self.weight, packed=self.packed_weight).split(self.sizes, dim=-1)
