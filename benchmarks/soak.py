@@ -11,10 +11,12 @@ ingress event-loop lag and /health/live latency; and the resident memory of ever
 process after warm-up, at its peak and at the end.
 
 Passes (exit 0) only if every good request completed, no response was a 5xx, every hostile
-request got the status its kind expects, and no replica's resident memory grew by more than
---max-growth-mb from the middle to the last third of the run (the lowest of the samples taken every
-5 s in each; the first third is left to the heaps to settle, after a warm-up that also fills the
-encoder cache, set to 32 MiB here, to its bound).
+request got the status its kind expects, and no replica's private resident memory (its own heap,
+RssAnon) grew by more than --max-growth-mb from the middle to the last third of the run (the lowest
+of the samples taken every 5 s in each; the first third is left to the heaps to settle, after a
+warm-up that also fills the encoder cache, set to 32 MiB here, to its bound). Shared memory (the
+pages of Ray's object store a replica has read zero-copy) is reported beside it: it grows as more
+of the store is touched, up to the store's fixed size.
 """
 
 from __future__ import annotations
@@ -154,16 +156,26 @@ async def send_hostile(client: httpx.AsyncClient, base: str, kind: str, maker, r
     return r.status_code
 
 
-def replica_memory() -> dict[str, float]:
-    """Resident MiB of every Serve replica process on this machine, by deployment and pid."""
+def replica_memory() -> dict[str, tuple[float, float]]:
+    """(private, shared) resident MiB of every Serve replica process on this machine, by deployment
+    and pid. Private (RssAnon) is the process's own heap: what a leak grows. Shared (RssFile +
+    RssShmem) is mostly Ray's object store, mapped into the process as it reads image features and
+    pixels out of it zero-copy; it grows as more of the store's pages are touched, up to the store's
+    fixed size, and is counted once for the whole node."""
     import psutil  # Ray ships it (ray/thirdparty_files, on the path once ray is imported)
 
     out = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])  # ray::ServeReplica:<app>:<deployment>[.<method>]
-        if "ServeReplica:" in title and proc.info["memory_info"]:
-            deployment = title.split()[0].split("ServeReplica:", 1)[1].split(".")[0]
-            out[f"{deployment} (pid {proc.info['pid']})"] = proc.info["memory_info"].rss / 2**20
+        if "ServeReplica:" not in title:
+            continue
+        try:
+            with open(f"/proc/{proc.info['pid']}/status") as f:
+                kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k.startswith("Rss")}
+        except OSError:
+            continue  # the replica exited
+        deployment = title.split()[0].split("ServeReplica:", 1)[1].split(".")[0]
+        out[f"{deployment} (pid {proc.info['pid']})"] = (kb["RssAnon"] / 1024, (kb["RssFile"] + kb["RssShmem"]) / 1024)
     return out
 
 
@@ -239,15 +251,20 @@ def report(result: dict, seconds: float, max_growth_mb: float) -> bool:
     third = max(len(memory) // 3, 1)
     print("\nresident memory (MiB) per replica, sampled every 5 s: after warm-up / peak / end, and the floor (lowest "
           "sample) of each minute: what stays, not transient batches. Growth: the last third's floor minus the "
-          "middle third's (the heaps settle in the first); and minus the first third's, for the record")
+          "middle third's (the heaps settle in the first); and minus the first third's, for the record.\n"
+          "private = the process's own heap (the criterion); shared = pages of Ray's object store it has read "
+          "(bounded by the store's size, counted once per node)")
     for name in sorted(memory[0][1]):
-        series = [m[name] for _, m in memory if name in m]
-        floors = [min(series[i:i + 12]) for i in range(0, len(series), 12)]
-        growth = min(series[-third:]) - min(series[third:-third] or series)
-        since_start = min(series[-third:]) - min(series[:third])
-        ok &= growth <= max_growth_mb
-        print(f"  {name:<36} {series[0]:6.0f} {max(series):6.0f} {series[-1]:6.0f}   floors per minute "
-              f"{' '.join(f'{m:.0f}' for m in floors)}   growth {growth:+.0f} ({since_start:+.0f} since the first third)")
+        for kind, index in (("private", 0), ("shared", 1)):
+            series = [m[name][index] for _, m in memory if name in m]
+            floors = [min(series[i:i + 12]) for i in range(0, len(series), 12)]
+            growth = min(series[-third:]) - min(series[third:-third] or series)
+            since_start = min(series[-third:]) - min(series[:third])
+            if kind == "private":
+                ok &= growth <= max_growth_mb
+            print(f"  {name:<36} {kind:<8} {series[0]:6.0f} {max(series):6.0f} {series[-1]:6.0f}   floors per minute "
+                  f"{' '.join(f'{m:.0f}' for m in floors)}   growth {growth:+.0f} ({since_start:+.0f} since the first "
+                  "third)")
     ok &= not result["good_lost"] and not fivexx
     print("\nPASS" if ok else "\nFAIL")
     return ok
