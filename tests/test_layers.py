@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from model import load_model
 from model.layers import linear as linear_module
-from model.layers.linear import PACKING_ENV, PackableLinear, linear, packing_path, packing_unsupported_reason
+from model.layers.linear import (PACKING_ENV, PackableLinear, linear, packed_rows, packing_path,
+                                 packing_unsupported_reason)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -103,3 +104,17 @@ def test_linear_is_exact_to_its_dtype_and_ignores_batch_mates(head, rows):
         # fp32 unpacked (only with PIXTRAL_SERVE_CPU_PACKING set, or a PyTorch without oneDNN): MKL's
         # sgemm switches kernels below 12 rows, so a row may differ from its batched result by rounding
         assert (alone[0] - out[-1]).abs().max() <= bound(x[-1:], head.weight, exact[-1:]).max()
+
+
+def test_packed_row_counts_are_few_and_padding_changes_no_row(head):
+    """oneDNN compiles and caches a kernel per row count: the packed path rounds counts up to a
+    bounded set (a long-running server's memory stays flat), and the zero rows change nothing."""
+    counts = [packed_rows(m) for m in range(1, 8193)]
+    assert len(set(counts)) <= 88
+    assert all(m <= c <= m * 9 / 8 for m, c in zip(range(1, 8193), counts))
+    if head.packed_weight is None:
+        return  # this CPU runs this dtype on the plain path, which pads nothing
+    x = torch.randn(300, head.weight.shape[1], generator=torch.Generator().manual_seed(3)).to(head.weight.dtype)
+    assert packed_rows(300) == 320
+    unpadded = torch.ops.mkldnn._linear_pointwise(x, head.packed_weight, None, "none", [], "")
+    assert torch.equal(linear(x, head.weight, packed=head.packed_weight), unpadded)

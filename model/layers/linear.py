@@ -29,8 +29,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), through the CPU-packed copy of the weight when there is one."""
     if packed is not None and x.is_cpu and x.dim() == 2 and x.dtype == packed.dtype:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        rows = x.shape[0]
+        padded = packed_rows(rows)
+        if padded != rows:  # zero rows: a row's result does not depend on the others (tests/test_layers.py)
+            x = F.pad(x, (0, 0, 0, padded - rows))
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")[:rows]
     return F.linear(x, weight, bias)
+
+
+def packed_rows(rows: int) -> int:
+    """How many rows a packed matmul of `rows` runs with: up to 16 exactly, then rounded up to one
+    of 8 sizes per power of two (at most 1/8 more work).
+
+    oneDNN compiles, and caches, one kernel per weight shape and row count. A server's steps have
+    any row count up to the token budget, so without rounding every new count costs a compile on
+    the hot path and a cache entry (about 0.4 MiB, up to 1024 entries per cache): the process grew
+    by hundreds of MiB over a long run. With it, a weight shape sees at most 88 row counts up to
+    8192 rows."""
+    if rows <= 16:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
 
 
 # Which dtypes may pack: "auto" (every dtype this CPU supports), "none", or a comma-separated list
