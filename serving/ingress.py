@@ -364,7 +364,7 @@ class OpenAIIngress:
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
                     stop=body.stop or [], presence_penalty=body.presence_penalty or 0.0,
                     frequency_penalty=body.frequency_penalty or 0.0, logprobs=bool(body.logprobs),
-                    top_logprobs=body.top_logprobs or 0))
+                    top_logprobs=body.top_logprobs or 0, logit_bias=body.token_bias, grammar=body.grammar))
             except ValueError as exc:
                 raise bad_request(str(exc)) from None
         return out

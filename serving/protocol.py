@@ -2,16 +2,23 @@
 
 Bounds that keep one request from costing more than its share (each refusal is a 400 naming it):
 JSON nesting depth and object/array count, messages per request and parts per message, stop
-strings (count and length, in model.engine.sampling_params), n, top_logprobs.
+strings (count and length, in model.engine.sampling_params), n, top_logprobs, logit_bias.
+
+Fields OpenAI clients and the mistralai SDK send that have no effect here (user, store, metadata,
+service_tier, safe_prompt, prompt_mode, ...) are accepted and ignored, as OpenAI does; the SDK's
+random_seed means seed. response_format json_object / json_schema is compiled to a grammar here,
+and a schema that cannot be compiled is a 400 naming the problem.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from model.engine.guided import GrammarError, json_grammar
 from model.engine.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_JSON_DEPTH = 32  # a chat request needs 6 (body > messages > message > content > part > image_url)
@@ -84,6 +91,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaSpec(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    # Honoured either way: the output is always constrained to the schema (OpenAI constrains only
+    # with strict: true, and then refuses schemas outside its subset; we take any schema llguidance
+    # compiles).
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -94,6 +122,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    random_seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # the mistralai SDK's name for seed
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -103,7 +132,28 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    # the llguidance grammar of response_format, compiled while parsing (off the event loop)
+    _grammar: str | None = PrivateAttr(default=None)
+
+    @property
+    def grammar(self) -> str | None:
+        return self._grammar
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key[:20]!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
+        return v
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -118,8 +168,6 @@ class ChatCompletionRequest(BaseModel):
     def _unsupported(self) -> "ChatCompletionRequest":
         if self.tools:
             raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         return self
@@ -153,10 +201,28 @@ def parse_request(raw: bytes | bytearray) -> ChatCompletionRequest:
     if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise _too_deep()
     try:
-        return ChatCompletionRequest.model_validate(data)
+        body = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         message, param = validation_message(exc.errors())
         raise bad_request(message, param=param) from None
+    if body.seed is None and body.random_seed is not None:
+        body.seed = body.random_seed
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        try:
+            # keys keep their order: the output's properties come in the order the schema lists them
+            body._grammar = _json_grammar(json.dumps(schema) if schema is not None else None)
+        except GrammarError as exc:
+            raise bad_request(f"response_format.json_schema.schema cannot be used: {exc}",
+                              param="response_format.json_schema.schema", code="invalid_schema") from None
+    return body
+
+
+@functools.lru_cache(maxsize=256)
+def _json_grammar(schema_json: str | None) -> str:
+    """Compiled once per distinct schema (keyed by its JSON text)."""
+    return json_grammar(json.loads(schema_json) if schema_json is not None else None)
 
 
 def _too_deep() -> APIError:

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model.config import load_model_args
 from model.engine.llm_engine import ExecutorDeadError, LLMEngine
-from model.engine.local_executor import KVBudget, engine_config_for, tokenizer_decode
+from model.engine.local_executor import KVBudget, engine_config_for, grammar_compiler, tokenizer_decode
 from model.engine.model_runner import ModelRunner, StepInput, StepOutput
 from model.loader import load_model
 from model.parallel import init_distributed
@@ -138,6 +138,6 @@ def build_tp_engine(checkpoint: str, tensor_parallel_size: int, resources: RankR
     executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle,
                              tokenizer)
     decode, eos = tokenizer_decode(checkpoint, tokenizer)
-    config = engine_config_for(load_model_args(checkpoint, tokenizer), executor.num_blocks, eos, block_size=block_size,
-                               **engine_overrides)
-    return LLMEngine(executor, config, decode), executor
+    args = load_model_args(checkpoint, tokenizer)
+    config = engine_config_for(args, executor.num_blocks, eos, block_size=block_size, **engine_overrides)
+    return LLMEngine(executor, config, decode, grammar_compiler(checkpoint, args, tokenizer)), executor

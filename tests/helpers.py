@@ -22,6 +22,13 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def inner_tokenizer(path: Path):
+    """The inner tokenizer (Tekken or SentencePiece) of a mistral-common tokenizer file."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+
+
 def mistral_tokenizer(checkpoint: Path):
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 

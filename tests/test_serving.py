@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,35 @@ def test_refusals_are_openai_errors(served, name, body, status):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert "Traceback" not in r.text
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_over_http(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    ask = dict(model=MODEL, max_tokens=120, temperature=0, response_format=fmt,
+               messages=[{"role": "user", "content": "A person, as JSON."}])
+    r = client.chat.completions.create(**ask)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                       if c.choices)
+    assert streamed == r.choices[0].message.content
+    # any JSON object; a user field and the mistralai SDK's random_seed are accepted
+    obj = client.chat.completions.create(model=MODEL, max_tokens=60, temperature=0, user="u-1",
+                                         response_format={"type": "json_object"}, extra_body={"random_seed": 3},
+                                         messages=[{"role": "user", "content": "JSON please"}])
+    assert obj.choices[0].message.content.lstrip().startswith("{")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert bad.value.body["param"] == "response_format.json_schema.schema" and "nope" in bad.value.body["message"]
 
 
 def test_still_answers_after_refusals(client):

@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from model.engine.guided import GrammarError
 from model.engine.llm_engine import EngineStats, LLMEngine, RequestError, RequestOutput
 from model.engine.model_runner import ImageFeatures
 from model.engine.sampling_params import SamplingParams
@@ -62,6 +63,13 @@ class AsyncEngine:
                        image_hashes: list[str] | None = None) -> AsyncIterator[RequestOutput]:
         if not self.healthy:
             raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+        if params.grammar is not None and self.engine.grammars is not None:
+            # compile (or find in the cache) off the engine thread and the event loop: a complex
+            # schema takes a while, and llguidance releases the GIL meanwhile
+            try:
+                await asyncio.to_thread(self.engine.grammars.compile, params.grammar)
+            except GrammarError as exc:
+                raise RequestError(f"the grammar cannot be compiled: {exc}") from exc
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._send(("add", request_id, prompt_token_ids, params, images, image_hashes))

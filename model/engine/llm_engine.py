@@ -14,6 +14,7 @@ from typing import Protocol
 
 from model.engine.block_manager import BlockManager
 from model.engine.detokenizer import IncrementalDetokenizer
+from model.engine.guided import GrammarCompiler, GrammarError
 from model.engine.model_runner import ImageFeatures, SeqChunk, StepInput, StepOutput
 from model.engine.sampler import TokenLogprobs
 from model.engine.sampling_params import SamplingParams
@@ -112,13 +113,16 @@ class _Request:
     detok: IncrementalDetokenizer
     pending_images: list[ImageFeatures] | None
     announced: bool = False  # the runner knows this sequence's sampling params
+    matcher: object | None = None  # llguidance matcher of its grammar (response_format), fed every token
 
 
 class LLMEngine:
-    def __init__(self, executor: Executor, config: EngineConfig, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, executor: Executor, config: EngineConfig, decode: Callable[[list[int]], str],
+                 grammars: GrammarCompiler | None = None) -> None:
         self.executor = executor
         self.config = config
         self.decode = decode
+        self.grammars = grammars
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.requests: dict[str, _Request] = {}
@@ -139,13 +143,24 @@ class LLMEngine:
         vocab = self.config.vocab_size
         if vocab is not None and not all(0 <= t < vocab for t in prompt_token_ids):
             raise RequestError(f"the prompt has token ids outside this model's vocabulary [0, {vocab})")
+        if vocab is not None and any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias names token ids outside this model's vocabulary [0, {vocab})")
+        matcher = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise RequestError("this engine has no grammar support (no tokenizer given)")
+            try:
+                matcher = self.grammars.matcher(params.grammar)
+            except GrammarError as exc:
+                raise RequestError(f"the grammar cannot be compiled: {exc}") from exc
         if len(prompt_token_ids) >= self.config.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
                                f"length is {self.config.max_model_len} (prompt plus at least one generated token)")
         images = images or []
         spans = self._image_spans(prompt_token_ids, images, image_hashes or [str(i) for i in range(len(images))])
         seq = Sequence(request_id, list(prompt_token_ids), params, spans)
-        self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.decode, params.stop), images or None)
+        self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.decode, params.stop), images or None,
+                                             matcher=matcher)
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(prompt_token_ids)
 
@@ -252,7 +267,8 @@ class LLMEngine:
             offset = 0
             if seq.images and c.start < len(seq.prompt_token_ids):
                 offset = seq.prompt_token_ids[:c.start].count(self.config.image_token_id)
-            step.chunks.append(SeqChunk(seq.seq_id, tokens, c.start, list(seq.block_table), c.samples, offset))
+            allowed = self.grammars.allowed(req.matcher) if c.samples and req.matcher is not None else None
+            step.chunks.append(SeqChunk(seq.seq_id, tokens, c.start, list(seq.block_table), c.samples, offset, allowed))
         return step
 
     def _postprocess(self, chunks: list[ScheduledChunk], result: StepOutput) -> list[RequestOutput]:
@@ -271,6 +287,9 @@ class LLMEngine:
                 continue
             seq.output_token_ids.append(token)
             self.generation_tokens_total += 1
+            if req.matcher is not None and not req.matcher.consume_token(token):
+                outputs.append(self._fail(req, f"its grammar refused token {token}: {req.matcher.get_error()}"))
+                continue
             try:
                 outputs.append(self._advance(req, token, logprobs))
             except Exception as exc:  # noqa: BLE001 - e.g. detokenizing this request's text
@@ -287,6 +306,8 @@ class LLMEngine:
             text = req.detok.add(token)
             if req.detok.stopped:
                 reason = "stop"
+            elif req.matcher is not None and req.matcher.is_stopped():  # the grammar is complete
+                reason, text = "stop", text + req.detok.flush()
             elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.config.max_model_len:
                 reason, text = "length", text + req.detok.flush()
         if reason is not None:

@@ -76,6 +76,14 @@ def tokenizer_decode(checkpoint_dir: str | Path, tokenizer_file: str | Path | No
     return tokenizer.decode, tokenizer.eos_id
 
 
+def grammar_compiler(checkpoint_dir: str | Path, args: ModelArgs, tokenizer_file: str | Path | None = None):
+    """Grammars (response_format) for this checkpoint's tokenizer; its vocabulary is built on first use."""
+    from model.config import find_tokenizer_file
+    from model.engine.guided import GrammarCompiler
+
+    return GrammarCompiler(find_tokenizer_file(checkpoint_dir, tokenizer_file), args.vocab_size)
+
+
 def engine_config_for(args: ModelArgs, num_blocks: int, eos_token_id: int, **overrides) -> EngineConfig:
     vision = args.vision_encoder
     image_ids = {}
@@ -96,4 +104,5 @@ def build_local_engine(checkpoint_dir: str | Path, device: str = "cpu", dtype: t
     num_blocks = num_blocks or (kv or KVBudget()).num_blocks(model, block_size)
     decode, eos = tokenizer_decode(checkpoint_dir, tokenizer)
     config = engine_config_for(model.args, num_blocks, eos, block_size=block_size, **engine_overrides)
-    return LLMEngine(LocalExecutor(ModelRunner(model, num_blocks, block_size)), config, decode)
+    return LLMEngine(LocalExecutor(ModelRunner(model, num_blocks, block_size)), config, decode,
+                     grammar_compiler(checkpoint_dir, model.args, tokenizer))

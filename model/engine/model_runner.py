@@ -32,6 +32,7 @@ class SeqChunk:
     block_table: list[int]
     sample: bool
     image_offset: int = 0  # number of [IMG] tokens before `start` (to index the image embeddings)
+    allowed: torch.Tensor | None = None  # packed mask of the tokens its grammar allows next (sampling chunks)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class ModelRunner:
         if not self.is_driver:
             return StepOutput([], [])
         states = [self.samplers[chunks[i].seq_id] for i in sampled]
-        ids, logprobs, failed_rows = sample(logits, states)
+        ids, logprobs, failed_rows = sample(logits, states, [chunks[i].allowed for i in sampled])
         return StepOutput(ids, logprobs, {chunks[sampled[row]].seq_id: why for row, why in failed_rows.items()})
 
     def _chunk_image_embeds(self, chunks: list[SeqChunk], tokens: torch.Tensor) -> torch.Tensor | None:

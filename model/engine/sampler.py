@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.engine.guided import apply_allowed
 from model.engine.sampling_params import SamplingParams
 
 
@@ -28,6 +29,7 @@ class SamplerState:
     params: SamplingParams
     generator: torch.Generator
     counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
 
     @staticmethod
     def create(params: SamplingParams, device: torch.device) -> "SamplerState":
@@ -36,17 +38,33 @@ class SamplerState:
             gen.seed()
         else:
             gen.manual_seed(params.seed)
-        return SamplerState(params, gen)
+        bias = None
+        if params.logit_bias:
+            bias = (torch.tensor(list(params.logit_bias), device=device),
+                    torch.tensor(list(params.logit_bias.values()), device=device, dtype=torch.float32))
+        return SamplerState(params, gen, bias=bias)
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]
+def sample(logits: torch.Tensor, states: list[SamplerState], allowed: list[torch.Tensor | None] | None = None
            ) -> tuple[list[int], list[TokenLogprobs | None], dict[int, str]]:
     """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for).
+
+    `allowed`: per row, the packed mask of tokens its grammar allows (None: unconstrained).
+    logit_bias is added first and the grammar mask applied after it, so a bias cannot bring back
+    a token the grammar forbids. Rows with neither are not touched. Logprobs are those of the
+    distribution sampled from.
 
     A row that cannot be sampled (say its logits are not finite) fails alone: it is returned in
     the third value, row -> reason, with token -1, and the other rows are sampled as usual.
     """
     assert logits.shape[0] == len(states), (logits.shape, len(states))
+    for i, state in enumerate(states):
+        if state.bias is not None:
+            ids, values = state.bias
+            logits[i, ids] += values
+    constrained = [i for i, mask in enumerate(allowed or []) if mask is not None]
+    if constrained:
+        apply_allowed(logits, constrained, [allowed[i] for i in constrained])
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in states) else None
     # Plain greedy rows (the common case) take one batched argmax instead of one call per row.
     plain = [s.params.greedy and not (s.params.has_penalties and s.counts) for s in states]

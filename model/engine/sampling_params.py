@@ -10,6 +10,7 @@ MAX_STOP_CHARS = 256  # each stop string is searched for in every step's new tex
 # Below this a positive temperature is treated as 0 (greedy): logits / 1e-38 overflow fp32, and
 # sampling at 1e-5 already picks the top token unless two logits tie to within ~1e-4.
 MIN_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS_ENTRIES = 300  # as OpenAI
 
 
 @dataclass
@@ -26,6 +27,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    grammar: str | None = None  # llguidance grammar the output must match (response_format)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +45,10 @@ class SamplingParams:
             (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
             (all(len(s) <= MAX_STOP_CHARS for s in self.stop),
              f"a stop string may have at most {MAX_STOP_CHARS} characters"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+             f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}"),
+            (all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+             "logit_bias maps token ids (non-negative integers) to values in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,179 @@
+"""Grammar-constrained decoding with llguidance: which tokens a sequence may sample next.
+
+llguidance (the Rust library behind Guidance, also used by vLLM and llama.cpp) matches a grammar
+against token *bytes*, so it needs the vocabulary as bytes. We build it from mistral-common's
+tokenizer for both Pixtral tokenizers:
+
+- Tekken (Pixtral-12B, v3): ids below `num_special_tokens` are control tokens; every other id has
+  its byte piece.
+- SentencePiece (Pixtral-Large, v7): control and unknown pieces are special; the 256 byte-fallback
+  pieces `<0xNN>` are the single byte NN; other pieces are their text with `▁` read as a space.
+
+Special tokens are marked as such, so a JSON grammar never allows one; EOS is allowed exactly
+when the grammar has reached an accepting state. (mistral-common ships an llguidance adapter,
+but for Tekken only; Pixtral-Large's v7 tokenizer is SentencePiece.)
+
+A grammar is compiled once per process and cached by its text; each request gets a copy of the
+compiled matcher. Masks are packed bits, 32 tokens per int32 word, as llguidance writes them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+MAX_CACHED_GRAMMARS = 256
+# JSON without free-form whitespace between tokens: a model cannot stall in an endless run of
+# blanks, and the output is as compact as OpenAI's.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A grammar (a response_format schema) that cannot be compiled; the message says why."""
+
+
+def json_grammar(schema: dict | None) -> str:
+    """The llguidance grammar for JSON matching `schema` (None: any JSON object)."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
+                                                                 defaults=JSON_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise GrammarError(str(exc)) from exc
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarError(error.strip())
+    return grammar
+
+
+class _VocabularyBytes:
+    """mistral-common's tokenizer as llguidance's TokenizerWrapper expects it."""
+
+    is_tokenizer_wrapper = True
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.tokens, self.special_token_ids = _token_bytes(tokenizer)
+        is_sentencepiece = not hasattr(tokenizer, "id_to_byte_piece")
+        self._sentinel = tokenizer.encode("\n", bos=False, eos=False) if is_sentencepiece else None
+        if len(self.tokens) > vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokens)} tokens, more than the model's {vocab_size}")
+        self.tokens += [b""] * (vocab_size - len(self.tokens))  # ids the tokenizer never makes: never allowed
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        """Token ids of `text` exactly, as llguidance asks when it reasons about how text tokenizes
+        (with the wrong answer its masks are wrong).
+
+        SentencePiece puts a space (the dummy prefix) before any text it encodes; we encode after
+        a newline, which is a byte-fallback token that merges with nothing, and drop the tokens
+        the newline alone gives."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        if self._sentinel is None:
+            return self._tokenizer.encode(text, bos=False, eos=False)
+        ids = self._tokenizer.encode("\n" + text, bos=False, eos=False)
+        assert ids[:len(self._sentinel)] == self._sentinel, (text[:40], ids[:4])
+        return ids[len(self._sentinel):]
+
+
+def _special_name(piece: str) -> bytes:
+    # llguidance names special tokens <...>; Mistral's are [...] (a fact of its grammar syntax)
+    match = re.fullmatch(r"\[(.*)\]", piece)
+    return (f"<{match.group(1)}>" if match else piece).encode()
+
+
+def _token_bytes(tokenizer) -> tuple[list[bytes], list[int]]:
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    tokens, special = [], []
+    sentencepiece = getattr(tokenizer, "_model", None)
+    if hasattr(tokenizer, "num_special_tokens") and hasattr(tokenizer, "id_to_byte_piece"):  # Tekken
+        for i in range(tokenizer.n_words):
+            if i < tokenizer.num_special_tokens:
+                special.append(i)
+                tokens.append(_special_name(tokenizer.id_to_piece(i)))
+            else:
+                tokens.append(tokenizer.id_to_byte_piece(i, SpecialTokenPolicy.RAISE))
+        return tokens, special
+    if sentencepiece is None or not hasattr(sentencepiece, "is_byte"):
+        raise TypeError(f"no byte vocabulary for a {type(tokenizer).__name__}")
+    for i in range(sentencepiece.get_piece_size()):
+        piece = sentencepiece.id_to_piece(i)
+        if sentencepiece.is_control(i) or sentencepiece.is_unknown(i):
+            special.append(i)
+            tokens.append(_special_name(piece))
+        elif sentencepiece.is_byte(i):  # byte fallback: <0xNN>
+            tokens.append(bytes([int(piece[3:5], 16)]))
+        else:
+            tokens.append(piece.replace("\u2581", " ").encode())
+    return tokens, special
+
+
+class GrammarCompiler:
+    """Compiles grammars for one model's tokenizer and hands each request its own matcher."""
+
+    def __init__(self, tokenizer_file: str | Path, vocab_size: int) -> None:
+        self.tokenizer_file = Path(tokenizer_file)
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+
+    @property
+    def tokenizer(self):
+        """llguidance's view of the vocabulary (built on first use: about a second for 131k tokens)."""
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance
+                from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+                inner = MistralTokenizer.from_file(str(self.tokenizer_file)).instruct_tokenizer.tokenizer
+                self._tokenizer = llguidance.LLTokenizer(
+                    llguidance.TokenizerWrapper(_VocabularyBytes(inner, self.vocab_size)))
+            return self._tokenizer
+
+    def compile(self, grammar: str):
+        """The compiled matcher for `grammar`, from the cache or built now (llguidance releases the
+        GIL while it compiles, so callers run this in a thread)."""
+        with self._lock:
+            if grammar in self._compiled:
+                self._compiled.move_to_end(grammar)
+                return self._compiled[grammar]
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        with self._lock:
+            self._compiled[grammar] = matcher
+            while len(self._compiled) > MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, grammar: str):
+        """A fresh matcher for one request: a copy of the compiled one."""
+        return self.compile(grammar).deep_copy()
+
+    def allowed(self, matcher) -> torch.Tensor:
+        """The tokens `matcher` allows next, as packed bits: (ceil(vocab / 32),) int32."""
+        import llguidance.torch
+
+        mask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
+        return mask[0]
+
+
+def apply_allowed(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
+    """Set every token a row's mask does not allow to -inf, in place (only the constrained rows)."""
+    bits = torch.arange(32, dtype=torch.int32)
+    words = torch.stack(masks).to(logits.device)  # (n, words)
+    allowed = ((words.unsqueeze(-1) >> bits.to(logits.device)) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
