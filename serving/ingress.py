@@ -36,6 +36,7 @@ from serving.logs import setup_logging
 from serving.metrics import count, metric
 from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, parse_request
 from serving.tokenization import ChatTokenizer, EncodedPrompt, text_chars
+from serving.tools import parse_tool_calls
 from serving.vision_encoder_server import ImageEncodeError
 
 log = logging.getLogger("pixtral_serve.ingress")
@@ -364,7 +365,8 @@ class OpenAIIngress:
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
                     stop=body.stop or [], presence_penalty=body.presence_penalty or 0.0,
                     frequency_penalty=body.frequency_penalty or 0.0, logprobs=bool(body.logprobs),
-                    top_logprobs=body.top_logprobs or 0, logit_bias=body.token_bias, grammar=body.grammar))
+                    top_logprobs=body.top_logprobs or 0, logit_bias=body.token_bias, grammar=body.grammar,
+                    banned_token_ids=[self.tokenizer.tool_calls_token] if body.tool_mode == "none" else []))
             except ValueError as exc:
                 raise bad_request(str(exc)) from None
         return out
@@ -436,21 +438,39 @@ class OpenAIIngress:
 
     async def _complete(self, body: ChatCompletionRequest, completion_id: str, streams: list,
                         prompt: EncodedPrompt) -> dict:
-        async def collect(stream) -> tuple[str, list, RequestOutput]:
-            text, logprobs, last = [], [], None
+        async def collect(stream) -> tuple[str, list, RequestOutput, int | None]:
+            text, logprobs, last, first = [], [], None, None
             async for out in stream:
+                if first is None and out.token_ids:
+                    first = out.token_ids[0]
                 text.append(out.text)
                 logprobs += self._logprobs(out) if body.logprobs else []
                 last = out
-            return "".join(text), logprobs, last
+            return "".join(text), logprobs, last, first
 
         results = await asyncio.gather(*(collect(s) for s in streams))
-        choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                    "logprobs": {"content": lps} if body.logprobs else None,
-                    "finish_reason": last.finish_reason}
-                   for i, (text, lps, last) in enumerate(results)]
+        choices = []
+        for i, (text, lps, last, first) in enumerate(results):
+            message, reason = self._message(body, text, first, last.finish_reason)
+            choices.append({"index": i, "message": message, "logprobs": {"content": lps} if body.logprobs else None,
+                            "finish_reason": reason})
         return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": self._usage(prompt, [r[2] for r in results])}
+
+    def _is_tool_call(self, body: ChatCompletionRequest, first_token: int | None) -> bool:
+        return body.tool_mode not in (None, "none") and first_token == self.tokenizer.tool_calls_token
+
+    def _message(self, body: ChatCompletionRequest, text: str, first_token: int | None,
+                 reason: str | None) -> tuple[dict, str | None]:
+        """The assistant message of a choice: text, or the tool calls it made (never both: the
+        [TOOL_CALLS] syntax does not leak into content)."""
+        if not self._is_tool_call(body, first_token):
+            return {"role": "assistant", "content": text}, reason
+        calls = parse_tool_calls(text)
+        if calls is None:  # cut short by max_tokens (or a malformed call under "auto"): no content either
+            log.info("a tool call that does not parse (finish_reason %s); answered without it", reason)
+            return {"role": "assistant", "content": None}, reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls" if reason == "stop" else reason
 
     async def _sse(self, body: ChatCompletionRequest, completion_id: str, streams: list,
                    prompt: EncodedPrompt) -> AsyncIterator[str]:
@@ -479,6 +499,8 @@ class OpenAIIngress:
                           "finish_reason": None}])
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: list[RequestOutput] = []
+        first_tokens: dict[int, int] = {}  # choice -> its first token ([TOOL_CALLS] starts a tool call)
+        held: dict[int, str] = {}  # choice -> the text of its tool call so far
         open_streams = len(streams)
         try:
             while open_streams:
@@ -492,6 +514,17 @@ class OpenAIIngress:
                     return
                 if item.finished:
                     finals.append(item)
+                if index not in first_tokens and item.token_ids:
+                    first_tokens[index] = item.token_ids[0]
+                if self._is_tool_call(body, first_tokens.get(index)):
+                    # a tool call is sent whole, once it is complete (as one delta per call)
+                    held[index] = held.get(index, "") + item.text
+                    if item.finished:
+                        message, reason = self._message(body, held[index], first_tokens[index], item.finish_reason)
+                        deltas = [{**call, "index": k} for k, call in enumerate(message.get("tool_calls") or [])]
+                        yield chunk([{"index": index, "delta": {"tool_calls": deltas} if deltas else {},
+                                      "logprobs": None, "finish_reason": reason}])
+                    continue
                 if item.text or item.finished or item.logprobs:
                     yield chunk([{"index": index, "delta": {"content": item.text} if item.text else {},
                                   "logprobs": {"content": self._logprobs(item)} if body.logprobs else None,

@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from model.engine.guided import GrammarError, json_grammar
+from model.engine.guided import GrammarError, json_grammar, llguidance_error
 from model.engine.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from serving.tools import tool_call_grammar
 
 MAX_JSON_DEPTH = 32  # a chat request needs 6 (body > messages > message > content > part > image_url)
 # Parsing holds the GIL for the whole document, and its cost grows with the number of values: a
@@ -29,6 +30,7 @@ MAX_JSON_CONTAINERS = 100_000
 MAX_MESSAGES = 4096
 MAX_PARTS_PER_MESSAGE = 512
 MAX_N = 16
+MAX_TOOLS = 128
 
 
 class APIError(Exception):
@@ -72,19 +74,55 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class CalledFunction(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=1 << 20)  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made, sent back in the conversation."""
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS_PER_MESSAGE)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # assistant
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=128)  # tool
 
     @model_validator(mode="after")
     def _check_content(self) -> "Message":
-        if self.content is None or self.content == "" or self.content == []:
+        empty = self.content is None or self.content == "" or self.content == []
+        if empty and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs non-empty content")
         if self.role != "user" and isinstance(self.content, list) and any(
                 isinstance(p, ImagePart) for p in self.content):
             raise ValueError(f"images are only accepted in user messages, not in {self.role} messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
         return self
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: dict[str, str]  # {"name": ...}
 
 
 class StreamOptions(BaseModel):
@@ -131,7 +169,9 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(default=1, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     # the llguidance grammar of response_format, compiled while parsing (off the event loop)
@@ -164,10 +204,26 @@ class ChatCompletionRequest(BaseModel):
                              "characters")
         return stops
 
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools), "auto", "none", "required", or the name of the function it must call."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        return choice if isinstance(choice, str) else choice.function.get("name", "")
+
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
+    def _consistent(self) -> "ChatCompletionRequest":
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice not in (None, "auto", "none") and not names:
+            raise ValueError("tool_choice requires tools")
+        if self.tool_mode not in (None, "auto", "none", "required") and self.tool_mode not in names:
+            raise ValueError(f"tool_choice names {self.tool_mode[:64]!r}, which is not among the tools {names[:10]}")
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        if self.tool_mode not in (None, "auto", "none") and self.response_format and self.response_format.type != "text":
+            raise ValueError("a tool call is JSON already: response_format cannot be combined with a required "
+                             "or named tool_choice")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         return self
@@ -207,6 +263,14 @@ def parse_request(raw: bytes | bytearray) -> ChatCompletionRequest:
         raise bad_request(message, param=param) from None
     if body.seed is None and body.random_seed is not None:
         body.seed = body.random_seed
+    if body.tool_mode not in (None, "auto", "none"):
+        chosen = [t.function for t in body.tools if body.tool_mode in ("required", t.function.name)]
+        try:
+            body._grammar = _tool_grammar(json.dumps([(f.name, f.parameters) for f in chosen]),
+                                          body.parallel_tool_calls is not False and body.tool_mode == "required")
+        except (GrammarError, ValueError) as exc:
+            raise bad_request(f"the tools' parameters cannot be used as a grammar: {exc}", param="tools",
+                              code="invalid_schema") from None
     fmt = body.response_format
     if fmt is not None and fmt.type != "text":
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
@@ -217,6 +281,15 @@ def parse_request(raw: bytes | bytearray) -> ChatCompletionRequest:
             raise bad_request(f"response_format.json_schema.schema cannot be used: {exc}",
                               param="response_format.json_schema.schema", code="invalid_schema") from None
     return body
+
+
+@functools.lru_cache(maxsize=256)
+def _tool_grammar(tools_json: str, parallel: bool) -> str:
+    grammar = tool_call_grammar([tuple(t) for t in json.loads(tools_json)], parallel)
+    error = llguidance_error(grammar)
+    if error:
+        raise GrammarError(error)
+    return grammar
 
 
 @functools.lru_cache(maxsize=256)

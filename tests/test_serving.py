@@ -205,6 +205,65 @@ def test_response_format_json_schema_over_http(client):
     assert bad.value.body["param"] == "response_format.json_schema.schema" and "nope" in bad.value.body["message"]
 
 
+def test_structured_output_with_an_image_and_the_clients_parse(client):
+    """json_schema next to an image; and the openai client's own `parse` with a pydantic model
+    (it sends a strict schema and parses the answer into the model)."""
+    from typing import Literal
+
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.chat.completions.create(model=MODEL, max_tokens=120, temperature=0.8, seed=5, response_format=fmt,
+                                       messages=[{"role": "user", "content": [
+                                           {"type": "text", "text": "Who is this?"},
+                                           {"type": "image_url", "image_url": {"url": png_url(random_image(48, 40, 3))}}]}])
+    assert r.choices[0].finish_reason == "stop" and r.usage.prompt_tokens_details.image_tokens > 0
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+    class Verdict(BaseModel):
+        ok: bool
+        colour: Literal["red", "green", "blue"]
+        score: int = Field(ge=0, le=9)
+
+    parsed = client.chat.completions.parse(model=MODEL, max_tokens=60, temperature=0.8, seed=2, response_format=Verdict,
+                                           messages=[{"role": "user", "content": "Judge it."}])
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_required_tool_call_over_http(client):
+    ask = dict(model=MODEL, max_tokens=80, temperature=0, tools=[WEATHER_TOOL], tool_choice="required",
+               parallel_tool_calls=False,
+               messages=[{"role": "user", "content": "Weather in Paris?"}])
+    r = client.chat.completions.create(**ask)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    # streamed: the call arrives whole in a delta, and no tool-call syntax in any content delta
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [tc.function.arguments for tc in streamed][:1] == [call.function.arguments]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the client's own stream accumulation rebuilds the same call
+    with client.chat.completions.stream(**ask) as stream:
+        final = stream.get_final_completion()
+    rebuilt = final.choices[0].message.tool_calls[0]
+    assert (rebuilt.function.name, rebuilt.function.arguments) == (call.function.name, call.function.arguments)
+    # the conversation goes on with the tool's result, under the id the server gave
+    follow = client.chat.completions.create(model=MODEL, max_tokens=4, tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}])
+    assert follow.choices[0].finish_reason in ("stop", "length")
+
+
 def test_still_answers_after_refusals(client):
     r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "ok?"}])
     assert r.usage.completion_tokens == 2

@@ -31,6 +31,24 @@ SCHEMA = {
 }
 
 
+# nesting, an array of objects, an optional key, strings (with whatever escapes the model picks)
+NESTED = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999},
+        "owner": {"type": "object", "properties": {"first": {"type": "string", "maxLength": 8},
+                                                   "nick": {"type": "string", "maxLength": 6}},
+                  "required": ["first"], "additionalProperties": False},
+        "items": {"type": "array", "maxItems": 3, "items": {
+            "type": "object", "properties": {"sku": {"enum": ["A1", "B2"]}, "qty": {"type": "integer", "minimum": 1,
+                                                                                  "maximum": 9}},
+            "required": ["sku", "qty"], "additionalProperties": False}},
+    },
+    "required": ["id", "owner", "items"],
+    "additionalProperties": False,
+}
+
+
 @pytest.fixture(scope="module", params=["tekken", "sentencepiece"])
 def engine_and_prompt(request, mistral_12b, mistral_large):
     ckpt = mistral_12b if request.param == "tekken" else mistral_large
@@ -69,6 +87,36 @@ def test_every_schema_output_validates(engine_and_prompt):
         # no control token inside the output (the last may be EOS, when the grammar ended there)
         body = tokens[:-1] if tokens[-1] == tokenizer.eos_id else tokens
         assert not [t for t in body if t < tokenizer.num_special_tokens], (rid, tokens)
+
+
+def test_one_batch_of_different_schemas_and_none(engine_and_prompt):
+    """Each request of one batch follows its own schema; the unconstrained ones are plain text."""
+    engine, prompt, _ = engine_and_prompt
+    grammars = {"person": (SCHEMA, json_grammar(SCHEMA)), "order": (NESTED, json_grammar(NESTED))}
+    params = {f"{name}{seed}": SamplingParams(max_tokens=300, temperature=0.9, seed=seed, grammar=grammar)
+              for name, (_, grammar) in grammars.items() for seed in range(4)}
+    params.update({f"free{seed}": SamplingParams(max_tokens=30, temperature=0.9, seed=seed) for seed in range(2)})
+    for rid, (tokens, text, reason) in _run(engine, prompt, params).items():
+        if rid.startswith("free"):
+            continue
+        schema, grammar = grammars[rid.rstrip("0123456789")]
+        assert reason == "stop", (rid, reason, text)
+        jsonschema.validate(json.loads(text), schema)
+        assert _replay(engine, grammar, tokens), rid
+
+
+def test_without_the_grammar_the_same_requests_are_not_json(engine_and_prompt):
+    """Guard: the validity above comes from the grammar, not from the random model."""
+    engine, prompt, _ = engine_and_prompt
+    params = {f"s{seed}": SamplingParams(max_tokens=60, temperature=1.0, seed=seed) for seed in range(6)}
+    valid = 0
+    for _, text, _ in _run(engine, prompt, params).values():
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    assert valid == 0
 
 
 def test_json_object_outputs_follow_the_grammar(engine_and_prompt):

@@ -45,10 +45,17 @@ def json_grammar(schema: dict | None) -> str:
                                                                  defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as exc:
         raise GrammarError(str(exc)) from exc
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    error = llguidance_error(grammar)
     if error:
-        raise GrammarError(error.strip())
+        raise GrammarError(error)
     return grammar
+
+
+def llguidance_error(grammar: str) -> str | None:
+    """Why llguidance cannot compile `grammar` (checked without a vocabulary), or None."""
+    import llguidance
+
+    return llguidance.LLMatcher.validate_grammar(grammar).strip() or None
 
 
 class _VocabularyBytes:

@@ -29,7 +29,7 @@ class SamplerState:
     params: SamplingParams
     generator: torch.Generator
     counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias and banned tokens (-inf), as (ids, values)
 
     @staticmethod
     def create(params: SamplingParams, device: torch.device) -> "SamplerState":
@@ -39,9 +39,10 @@ class SamplerState:
         else:
             gen.manual_seed(params.seed)
         bias = None
-        if params.logit_bias:
-            bias = (torch.tensor(list(params.logit_bias), device=device),
-                    torch.tensor(list(params.logit_bias.values()), device=device, dtype=torch.float32))
+        added = {**params.logit_bias, **{t: float("-inf") for t in params.banned_token_ids}}
+        if added:
+            bias = (torch.tensor(list(added), device=device),
+                    torch.tensor(list(added.values()), device=device, dtype=torch.float32))
         return SamplerState(params, gen, bias=bias)
 
 

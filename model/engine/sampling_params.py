@@ -28,7 +28,8 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
-    grammar: str | None = None  # llguidance grammar the output must match (response_format)
+    grammar: str | None = None  # llguidance grammar the output must match (response_format, tool calls)
+    banned_token_ids: list[int] = field(default_factory=list)  # never sampled (tool_choice "none": [TOOL_CALLS])
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
