@@ -170,7 +170,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     tools: Annotated[list[ToolSpec], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["auto", "none", "required", "any"] | NamedToolChoice | None = None  # "any": Mistral's "required"
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
@@ -210,6 +210,8 @@ class ChatCompletionRequest(BaseModel):
         if not self.tools:
             return None
         choice = self.tool_choice or "auto"
+        if choice == "any":
+            return "required"
         return choice if isinstance(choice, str) else choice.function.get("name", "")
 
     @model_validator(mode="after")

@@ -309,3 +309,29 @@ def test_serve_run_demo_config_answers(served, mistral_12b, tmp_path):
         proc.wait(timeout=60)
         deploy_test_app(mistral_12b)  # give the session its own application back
         wait_healthy(served)
+
+
+def test_the_mistralai_sdk_works(served):
+    """The SDK the seed documents' users call: its own field names (random_seed, safe_prompt, ...),
+    an image as a bare URL string, a JSON schema, and a forced tool call."""
+    import jsonschema
+    from mistralai.client import Mistral
+
+    sdk = Mistral(api_key="unused", server_url=served)
+    r = sdk.chat.complete(model=MODEL, max_tokens=8, random_seed=7, temperature=0.5, safe_prompt=False,
+                          messages=[{"role": "user", "content": [
+                              {"type": "text", "text": "What is this?"},
+                              {"type": "image_url", "image_url": png_url(random_image(40, 30, 9))}]}])
+    assert r.choices[0].message.content and r.usage.prompt_tokens > 0
+    again = sdk.chat.complete(model=MODEL, max_tokens=8, random_seed=7, temperature=0.5, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": png_url(random_image(40, 30, 9))}]}])
+    assert again.choices[0].message.content == r.choices[0].message.content  # random_seed is the seed
+    schema = sdk.chat.complete(model=MODEL, max_tokens=120, temperature=0, messages=[{"role": "user", "content": "JSON"}],
+                               response_format={"type": "json_schema",
+                                                "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    jsonschema.validate(json.loads(schema.choices[0].message.content), PERSON)
+    call = sdk.chat.complete(model=MODEL, max_tokens=80, temperature=0, tools=[WEATHER_TOOL], tool_choice="any",
+                             parallel_tool_calls=False, messages=[{"role": "user", "content": "Weather?"}])
+    assert call.choices[0].finish_reason == "tool_calls"
+    assert call.choices[0].message.tool_calls[0].function.name == "get_weather"
