@@ -242,7 +242,7 @@ def plan_reads(model: torch.nn.Module, checkpoint_dir: Path, args: ModelArgs,
                     continue
                 seen.add(name)
                 target, shard = places[name]
-                expected = shard.full_shape(tuple(target.shape)) if shard else tuple(target.shape)
+                expected = _full_shape(target, shard)
                 header = f.get_slice(key)
                 shape = tuple(header.get_shape())
                 if shape != expected:
@@ -284,8 +284,11 @@ def checkpoint_places(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, S
 
 def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shape of every checkpoint tensor the model expects."""
-    return {name: shard.full_shape(tuple(target.shape)) if shard else tuple(target.shape)
-            for name, (target, shard) in checkpoint_places(model).items()}
+    return {name: _full_shape(target, shard) for name, (target, shard) in checkpoint_places(model).items()}
+
+
+def _full_shape(target: torch.Tensor, shard: Shard | None) -> tuple[int, ...]:
+    return shard.full_shape(tuple(target.shape)) if shard else tuple(target.shape)
 
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -300,12 +303,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
         model = PixtralModel(args, tp, with_vision_encoder=with_vision_encoder)
     wanted = (lambda n: True) if with_vision_encoder else (lambda n: not n.startswith("vision_encoder."))
     reads = plan_reads(model, checkpoint_dir, args, wanted)  # before allocating anything
-    cast_model(model, dtype)  # FP8 weights and their scales keep their own dtypes
-    model.to_empty(device=device)
-    _places_after_allocation(model, reads)
-    read_weights(reads, checkpoint_dir, report=tp.rank == 0)
-    pack_linear_weights(model)  # CPU only; after the last change to the weights
-    return model.eval()
+    return _allocate_and_read(model, reads, checkpoint_dir, device, dtype, report=tp.rank == 0)
 
 
 def load_vision_encoder(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
@@ -318,12 +316,18 @@ def load_vision_encoder(checkpoint_dir: str | Path, device: str | torch.device =
         encoder = VisionEncoder(args.vision_encoder)
     prefix = "vision_encoder."
     reads = plan_reads(encoder, checkpoint_dir, args, lambda n: n.startswith(prefix), prefix)
-    encoder.to(dtype=dtype)
-    encoder.to_empty(device=device)
-    _places_after_allocation(encoder, reads, prefix)
-    read_weights(reads, checkpoint_dir, report=True)
-    pack_linear_weights(encoder)
-    return encoder.eval()
+    return _allocate_and_read(encoder, reads, checkpoint_dir, device, dtype, report=True, prefix=prefix)
+
+
+def _allocate_and_read(module: torch.nn.Module, reads: list[TensorRead], checkpoint_dir: Path,
+                       device: str | torch.device, dtype: torch.dtype, report: bool, prefix: str = ""):
+    """Allocate a meta-built module in `dtype` on `device`, read its planned weights, pack them."""
+    cast_model(module, dtype)  # FP8 weights and their scales keep their own dtypes
+    module.to_empty(device=device)
+    _places_after_allocation(module, reads, prefix)
+    read_weights(reads, checkpoint_dir, report)
+    pack_linear_weights(module)  # CPU only; after the last change to the weights
+    return module.eval()
 
 
 def _places_after_allocation(model: torch.nn.Module, reads: list[TensorRead], prefix: str = "") -> None:
@@ -333,8 +337,8 @@ def _places_after_allocation(model: torch.nn.Module, reads: list[TensorRead], pr
         r.target = places[r.name.removeprefix(prefix)][0]
 
 
-def read_weights(reads: list[TensorRead], checkpoint_dir: Path, report: bool) -> int:
-    """Read the planned tensors file by file into their targets; returns the bytes read."""
+def read_weights(reads: list[TensorRead], checkpoint_dir: Path, report: bool) -> None:
+    """Read the planned tensors file by file into their targets."""
     progress = LoadProgress(sum(r.nbytes for r in reads), checkpoint_dir, enabled=report)
     to_device = HostToDevice()
     by_file: dict[Path, list[TensorRead]] = {}
@@ -349,7 +353,6 @@ def read_weights(reads: list[TensorRead], checkpoint_dir: Path, report: bool) ->
                     progress.advance(tensor.numel() * tensor.element_size())
     to_device.wait()
     progress.done()
-    return progress.done_bytes
 
 
 class HostToDevice:

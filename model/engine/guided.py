@@ -172,7 +172,9 @@ class GrammarCompiler:
         """The tokens `matcher` allows next, as packed bits: (ceil(vocab / 32),) int32."""
         import llguidance.torch
 
-        mask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        # a plain host tensor: llguidance's own allocator pins memory when CUDA is present, a cost
+        # on every step for every constrained row; the sampler moves the masks in one copy
+        mask = torch.empty(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
         llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
         return mask[0]
 

@@ -198,7 +198,6 @@ class MergedColumnParallelLinear(PackableLinear, nn.Module):
         assert len(out_features) == len(part_names), (out_features, part_names)
         self.tp = tp
         self.part_names = part_names
-        self.full_sizes = list(out_features)
         self.sizes = [tp.shard(n, f"output features of {p}") for n, p in zip(out_features, part_names)]
         if fp8:  # each part's scale rows sit beside its weight rows
             self.weight, self.weight_scale = fp8_parameters(sum(self.sizes), in_features)
