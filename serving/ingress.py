@@ -36,7 +36,7 @@ from serving.logs import setup_logging
 from serving.metrics import count, metric
 from serving.protocol import APIError, ChatCompletionRequest, ImagePart, bad_request, parse_request
 from serving.tokenization import ChatTokenizer, EncodedPrompt, text_chars
-from serving.tools import parse_tool_calls
+from serving.tools import ToolCallStream, parse_tool_calls
 from serving.vision_encoder_server import ImageEncodeError
 
 log = logging.getLogger("pixtral_serve.ingress")
@@ -366,6 +366,7 @@ class OpenAIIngress:
                     stop=body.stop or [], presence_penalty=body.presence_penalty or 0.0,
                     frequency_penalty=body.frequency_penalty or 0.0, logprobs=bool(body.logprobs),
                     top_logprobs=body.top_logprobs or 0, logit_bias=body.token_bias, grammar=body.grammar,
+                    grammar_trigger=self.tokenizer.tool_calls_token if body.grammar_starts_at_tool_call else None,
                     banned_token_ids=[self.tokenizer.tool_calls_token] if body.tool_mode == "none" else []))
             except ValueError as exc:
                 raise bad_request(str(exc)) from None
@@ -438,39 +439,44 @@ class OpenAIIngress:
 
     async def _complete(self, body: ChatCompletionRequest, completion_id: str, streams: list,
                         prompt: EncodedPrompt) -> dict:
-        async def collect(stream) -> tuple[str, list, RequestOutput, int | None]:
-            text, logprobs, last, first = [], [], None, None
+        async def collect(stream) -> tuple[list[str], list[str] | None, list, RequestOutput]:
+            content, calls, logprobs, last = [], None, [], None
             async for out in stream:
-                if first is None and out.token_ids:
-                    first = out.token_ids[0]
-                text.append(out.text)
+                if calls is None and self._starts_tool_call(body, out):
+                    content.append(out.text)  # the text before the call ends with this output
+                    calls = []
+                else:
+                    (content if calls is None else calls).append(out.text)
                 logprobs += self._logprobs(out) if body.logprobs else []
                 last = out
-            return "".join(text), logprobs, last, first
+            return content, calls, logprobs, last
 
         results = await asyncio.gather(*(collect(s) for s in streams))
         choices = []
-        for i, (text, lps, last, first) in enumerate(results):
-            message, reason = self._message(body, text, first, last.finish_reason)
+        for i, (content, calls, lps, last) in enumerate(results):
+            message, reason = self._message("".join(content), None if calls is None else "".join(calls),
+                                            last.finish_reason)
             choices.append({"index": i, "message": message, "logprobs": {"content": lps} if body.logprobs else None,
                             "finish_reason": reason})
         return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "choices": choices, "usage": self._usage(prompt, [r[2] for r in results])}
+                "model": body.model, "choices": choices, "usage": self._usage(prompt, [r[3] for r in results])}
 
-    def _is_tool_call(self, body: ChatCompletionRequest, first_token: int | None) -> bool:
-        return body.tool_mode not in (None, "none") and first_token == self.tokenizer.tool_calls_token
+    def _starts_tool_call(self, body: ChatCompletionRequest, out: RequestOutput) -> bool:
+        """This output carries [TOOL_CALLS]: the model starts its calls (with tools offered)."""
+        return body.tool_mode not in (None, "none") and self.tokenizer.tool_calls_token in out.token_ids
 
-    def _message(self, body: ChatCompletionRequest, text: str, first_token: int | None,
-                 reason: str | None) -> tuple[dict, str | None]:
-        """The assistant message of a choice: text, or the tool calls it made (never both: the
-        [TOOL_CALLS] syntax does not leak into content)."""
-        if not self._is_tool_call(body, first_token):
-            return {"role": "assistant", "content": text}, reason
-        calls = parse_tool_calls(text)
-        if calls is None:  # cut short by max_tokens (or a malformed call under "auto"): no content either
+    @staticmethod
+    def _message(content: str, calls_text: str | None, reason: str | None) -> tuple[dict, str | None]:
+        """The assistant message of a choice: its text, and the tool calls it made after [TOOL_CALLS]
+        (`calls_text`, None if it made none; the call syntax never leaks into content)."""
+        if calls_text is None:
+            return {"role": "assistant", "content": content}, reason
+        message = {"role": "assistant", "content": content or None}
+        calls = parse_tool_calls(calls_text)
+        if calls is None:  # possible only when cut short before the grammar could finish
             log.info("a tool call that does not parse (finish_reason %s); answered without it", reason)
-            return {"role": "assistant", "content": None}, reason
-        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls" if reason == "stop" else reason
+            return message, reason
+        return {**message, "tool_calls": calls}, "tool_calls" if reason == "stop" else reason
 
     async def _sse(self, body: ChatCompletionRequest, completion_id: str, streams: list,
                    prompt: EncodedPrompt) -> AsyncIterator[str]:
@@ -499,8 +505,7 @@ class OpenAIIngress:
                           "finish_reason": None}])
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: list[RequestOutput] = []
-        first_tokens: dict[int, int] = {}  # choice -> its first token ([TOOL_CALLS] starts a tool call)
-        held: dict[int, str] = {}  # choice -> the text of its tool call so far
+        calls: dict[int, ToolCallStream] = {}  # choice -> its tool calls, read as they stream
         open_streams = len(streams)
         try:
             while open_streams:
@@ -514,21 +519,23 @@ class OpenAIIngress:
                     return
                 if item.finished:
                     finals.append(item)
-                if index not in first_tokens and item.token_ids:
-                    first_tokens[index] = item.token_ids[0]
-                if self._is_tool_call(body, first_tokens.get(index)):
-                    # a tool call is sent whole, once it is complete (as one delta per call)
-                    held[index] = held.get(index, "") + item.text
-                    if item.finished:
-                        message, reason = self._message(body, held[index], first_tokens[index], item.finish_reason)
-                        deltas = [{**call, "index": k} for k, call in enumerate(message.get("tool_calls") or [])]
-                        yield chunk([{"index": index, "delta": {"tool_calls": deltas} if deltas else {},
-                                      "logprobs": None, "finish_reason": reason}])
-                    continue
-                if item.text or item.finished or item.logprobs:
-                    yield chunk([{"index": index, "delta": {"content": item.text} if item.text else {},
+                delta: dict = {}
+                if index in calls:  # inside its calls: OpenAI's tool_calls deltas, never content
+                    tool_deltas = calls[index].feed(item.text)
+                    if tool_deltas:
+                        delta["tool_calls"] = tool_deltas
+                else:
+                    if item.text:
+                        delta["content"] = item.text
+                    if self._starts_tool_call(body, item):
+                        calls[index] = ToolCallStream()
+                reason = item.finish_reason
+                if item.finished and index in calls:
+                    reason = "tool_calls" if reason == "stop" and calls[index].calls() is not None else reason
+                if delta or item.finished or item.logprobs:
+                    yield chunk([{"index": index, "delta": delta,
                                   "logprobs": {"content": self._logprobs(item)} if body.logprobs else None,
-                                  "finish_reason": item.finish_reason}])
+                                  "finish_reason": reason}])
             if body.stream_options and body.stream_options.include_usage:
                 payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                            "model": body.model, "choices": [], "usage": self._usage(prompt, finals)}

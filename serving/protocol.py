@@ -174,12 +174,18 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
-    # the llguidance grammar of response_format, compiled while parsing (off the event loop)
+    # the llguidance grammar of response_format and tool calls, compiled while parsing (off the event loop)
     _grammar: str | None = PrivateAttr(default=None)
 
     @property
     def grammar(self) -> str | None:
         return self._grammar
+
+    @property
+    def grammar_starts_at_tool_call(self) -> bool:
+        """tool_choice "auto" with a text answer: the output is free until the model starts a call
+        ([TOOL_CALLS]), and the call grammar applies from there."""
+        return self.tool_mode == "auto" and (self.response_format is None or self.response_format.type == "text")
 
     @field_validator("logit_bias")
     @classmethod
@@ -265,29 +271,34 @@ def parse_request(raw: bytes | bytearray) -> ChatCompletionRequest:
         raise bad_request(message, param=param) from None
     if body.seed is None and body.random_seed is not None:
         body.seed = body.random_seed
-    if body.tool_mode not in (None, "auto", "none"):
-        chosen = [t.function for t in body.tools if body.tool_mode in ("required", t.function.name)]
-        try:
-            body._grammar = _tool_grammar(json.dumps([(f.name, f.parameters) for f in chosen]),
-                                          body.parallel_tool_calls is not False and body.tool_mode == "required")
-        except (GrammarError, ValueError) as exc:
-            raise bad_request(f"the tools' parameters cannot be used as a grammar: {exc}", param="tools",
-                              code="invalid_schema") from None
     fmt = body.response_format
-    if fmt is not None and fmt.type != "text":
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    json_answer = fmt is not None and fmt.type != "text"
+    schema = fmt.json_schema.schema_ if json_answer and fmt.type == "json_schema" else None
+    if json_answer:
         try:
             # keys keep their order: the output's properties come in the order the schema lists them
             body._grammar = _json_grammar(json.dumps(schema) if schema is not None else None)
         except GrammarError as exc:
             raise bad_request(f"response_format.json_schema.schema cannot be used: {exc}",
                               param="response_format.json_schema.schema", code="invalid_schema") from None
+    mode = body.tool_mode
+    if mode not in (None, "none"):
+        chosen = [t.function for t in body.tools if mode in ("auto", "required", t.function.name)]
+        # "auto" with a JSON response_format: the answer is a call or that JSON, one grammar
+        or_json = json.dumps(schema if json_answer and mode == "auto" else False)
+        try:
+            body._grammar = _tool_grammar(json.dumps([(f.name, f.parameters) for f in chosen]),
+                                          body.parallel_tool_calls is not False and mode in ("auto", "required"),
+                                          or_json)
+        except (GrammarError, ValueError) as exc:
+            raise bad_request(f"the tools' parameters cannot be used as a grammar: {exc}", param="tools",
+                              code="invalid_schema") from None
     return body
 
 
 @functools.lru_cache(maxsize=256)
-def _tool_grammar(tools_json: str, parallel: bool) -> str:
-    grammar = tool_call_grammar([tuple(t) for t in json.loads(tools_json)], parallel)
+def _tool_grammar(tools_json: str, parallel: bool, or_json: str) -> str:
+    grammar = tool_call_grammar([tuple(t) for t in json.loads(tools_json)], parallel, json.loads(or_json))
     error = llguidance_error(grammar)
     if error:
         raise GrammarError(error)

@@ -108,6 +108,13 @@ def test_models_health_and_token_count(served, client):
     assert count["images"] == [{"width": 100, "height": 40, "tokens": (7 + 1) * 3}]
     r = client.chat.completions.create(max_tokens=1, **body)
     assert r.usage.prompt_tokens == count["prompt_tokens"]
+    # tool definitions are prompt tokens like any other; a response_format adds none (the schema
+    # is enforced by the grammar, not written into the prompt), and the count says exactly that
+    tooled = {**body, "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}
+    with_tools = httpx.post(f"{served}/v1/chat/token_count", json=tooled).json()
+    assert with_tools["prompt_tokens"] > count["prompt_tokens"]
+    r = client.chat.completions.create(max_tokens=1, **tooled)
+    assert r.usage.prompt_tokens == with_tools["prompt_tokens"]
 
 
 def gif_animated() -> str:
@@ -245,10 +252,13 @@ def test_required_tool_call_over_http(client):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
-    # streamed: the call arrives whole in a delta, and no tool-call syntax in any content delta
+    # streamed as OpenAI does: the call's id and name first, then its arguments in fragments, and
+    # no tool-call syntax in any content delta
     chunks = list(client.chat.completions.create(**ask, stream=True))
     streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [tc.function.arguments for tc in streamed][:1] == [call.function.arguments]
+    assert streamed[0].id and streamed[0].function.name == "get_weather" and len(streamed) > 2
+    assert all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in streamed[1:])
+    assert "".join(tc.function.arguments or "" for tc in streamed) == call.function.arguments
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # the client's own stream accumulation rebuilds the same call
@@ -262,6 +272,32 @@ def test_required_tool_call_over_http(client):
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}])
     assert follow.choices[0].finish_reason in ("stop", "length")
+
+
+def test_auto_tool_call_after_text_over_http(client, mistral_12b):
+    """tool_choice "auto": the model's text comes as content, then its call as tool_calls, the same
+    streamed and not (a bias on [TOOL_CALLS] makes the random model call)."""
+    from serving.tokenization import ChatTokenizer
+
+    trigger = ChatTokenizer(next(mistral_12b.glob("tekken*.json"))).tool_calls_token
+    for seed in range(12):
+        ask = dict(model=MODEL, max_tokens=60, temperature=1.0, seed=seed, tools=[WEATHER_TOOL],
+                   parallel_tool_calls=False, logit_bias={str(trigger): 9},
+                   messages=[{"role": "user", "content": "Weather in Paris?"}])
+        r = client.chat.completions.create(**ask)
+        if r.choices[0].message.content and r.choices[0].message.tool_calls:
+            break
+    else:
+        pytest.fail("no seed gave text and then a call")
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1
+    for call in message.tool_calls:
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    with client.chat.completions.stream(**ask) as stream:
+        final = stream.get_final_completion().choices[0].message
+    assert final.content == message.content
+    assert [(c.function.name, c.function.arguments) for c in final.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in message.tool_calls]
 
 
 def test_still_answers_after_refusals(client):

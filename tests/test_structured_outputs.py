@@ -77,7 +77,9 @@ def _replay(engine, grammar: str, tokens: list[int]) -> bool:
 def test_every_schema_output_validates(engine_and_prompt):
     engine, prompt, tokenizer = engine_and_prompt
     grammar = json_grammar(SCHEMA)
-    params = {f"s{seed}": SamplingParams(max_tokens=300, temperature=1.0, seed=seed, grammar=grammar)
+    # stop strings apply to free text only: a '"' cannot cut the JSON
+    params = {f"s{seed}": SamplingParams(max_tokens=300, temperature=1.0, seed=seed, grammar=grammar,
+                                         stop=['"'] if seed % 2 else [])
               for seed in range(6)}
     params["greedy"] = SamplingParams(max_tokens=300, temperature=0.0, grammar=grammar)
     for rid, (tokens, text, reason) in _run(engine, prompt, params).items():
@@ -126,10 +128,38 @@ def test_json_object_outputs_follow_the_grammar(engine_and_prompt):
               for seed in range(4)}
     for rid, (tokens, text, reason) in _run(engine, prompt, params).items():
         assert _replay(engine, grammar, tokens), rid
-        if reason == "stop":
-            assert isinstance(json.loads(text), dict), text
-        else:  # out of tokens mid-object: still a prefix the grammar accepts
-            assert reason == "length" and text.lstrip().startswith("{"), (reason, text)
+        assert isinstance(json.loads(text), dict), (reason, text)
+
+
+@pytest.mark.parametrize("schema", [None, NESTED], ids=["json_object", "nested_schema"])
+def test_outputs_cut_by_max_tokens_still_parse(engine_and_prompt, schema):
+    """Random weights never close a JSON string by chance; near the end of max_tokens the engine
+    forces the shortest way to the end, so every output parses (and validates), with "length"."""
+    engine, prompt, _ = engine_and_prompt
+    grammar = json_grammar(schema)
+    params = {f"m{max_tokens}s{seed}": SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, grammar=grammar)
+              for seed in range(6) for max_tokens in (24, 40, 90)}
+    reasons = set()
+    for rid, (tokens, text, reason) in _run(engine, prompt, params).items():
+        assert len(tokens) <= params[rid].max_tokens
+        value = json.loads(text)
+        assert isinstance(value, dict), (rid, text)
+        if schema is not None:
+            jsonschema.validate(value, schema)
+        assert _replay(engine, grammar, tokens), rid
+        reasons.add(reason)
+    assert "length" in reasons
+
+
+def test_the_context_limit_cuts_json_cleanly_too(mistral_12b):
+    """The budget is also the room left in the context, not only max_tokens."""
+    engine = build_local_engine(mistral_12b, num_blocks=64, max_model_len=96)
+    tokenizer = mistral_tokenizer(mistral_12b).instruct_tokenizer.tokenizer
+    prompt = tokenizer.encode("[INST] JSON please [/INST]", bos=True, eos=False)
+    out = _run(engine, prompt, {"c": SamplingParams(max_tokens=1000, temperature=1.0, seed=3,
+                                                    grammar=json_grammar(None))})["c"]
+    assert out[2] == "length" and len(prompt) + len(out[0]) <= 96
+    assert isinstance(json.loads(out[1]), dict)
 
 
 def test_batch_mates_without_a_grammar_are_untouched(engine_and_prompt):

@@ -15,6 +15,12 @@ but for Tekken only; Pixtral-Large's v7 tokenizer is SentencePiece.)
 
 A grammar is compiled once per process and cached by its text; each request gets a copy of the
 compiled matcher. Masks are packed bits, 32 tokens per int32 word, as llguidance writes them.
+
+Finishing within the budget: a constrained output that runs out of max_tokens mid-JSON would not
+parse. Near the end of its budget the engine asks `closing_plan` for a short way to an accepting
+state and, once that plan fills what is left (with a margin), forces it token by token. The plan is
+greedy: the tokens the grammar forces, else the first allowed of a few closers (close a string, an
+object, an array; a 0 where a value must come), else the lowest allowed token.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from pathlib import Path
 import torch
 
 MAX_CACHED_GRAMMARS = 256
+# closers tried in order outside a JSON string: they end a container or give its shortest value
+CLOSERS_OUTSIDE_STRINGS = ("}", "]", "0", '"')
 # JSON without free-form whitespace between tokens: a model cannot stall in an endless run of
 # blanks, and the output is as compact as OpenAI's.
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -131,6 +139,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._lock = threading.Lock()
         self._tokenizer = None
+        self._vocab: _VocabularyBytes | None = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
 
     @property
@@ -142,9 +151,19 @@ class GrammarCompiler:
                 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
                 inner = MistralTokenizer.from_file(str(self.tokenizer_file)).instruct_tokenizer.tokenizer
-                self._tokenizer = llguidance.LLTokenizer(
-                    llguidance.TokenizerWrapper(_VocabularyBytes(inner, self.vocab_size)))
+                self._vocab = _VocabularyBytes(inner, self.vocab_size)
+                self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(self._vocab))
+                self._closing_ids = self._byte_token_ids()
             return self._tokenizer
+
+    def _byte_token_ids(self) -> dict[str, int]:
+        """The single-character tokens the closing plan uses (the first id when there are several)."""
+        wanted = {c.encode(): c for c in (*CLOSERS_OUTSIDE_STRINGS, '"', "\\")}
+        ids: dict[str, int] = {}
+        for token_id, piece in enumerate(self._vocab.tokens):
+            if piece in wanted and wanted[piece] not in ids:
+                ids[wanted[piece]] = token_id
+        return ids
 
     def compile(self, grammar: str):
         """The compiled matcher for `grammar`, from the cache or built now (llguidance releases the
@@ -177,6 +196,62 @@ class GrammarCompiler:
         mask = torch.empty(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
         llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
         return mask[0]
+
+    def only(self, token: int) -> torch.Tensor:
+        """A packed mask that allows `token` alone."""
+        mask = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)
+        mask[token // 32] = _bit(token % 32)
+        return mask
+
+    def all_but(self, token: int) -> torch.Tensor:
+        """A packed mask that allows every token except `token`."""
+        mask = torch.full(((self.vocab_size + 31) // 32,), -1, dtype=torch.int32)
+        mask[token // 32] = ~_bit(token % 32)
+        return mask
+
+    def closing_plan(self, matcher, limit: int) -> list[int] | None:
+        """The tokens of a short way from `matcher`'s state to the grammar's end (EOS last when the
+        grammar does not stop by itself), or None if none is found within `limit` tokens.
+
+        Greedy: the tokens the grammar forces, else a closing quote inside a string, else the first
+        allowed of `CLOSERS_OUTSIDE_STRINGS`, else the lowest allowed ordinary token. Tried on the
+        request's own matcher and rolled back (each token is validated before it is consumed, so
+        the matcher never enters its error state)."""
+        self.tokenizer  # noqa: B018 - builds the byte ids on first use
+        ids, backslash = self._closing_ids, self._closing_ids.get("\\")
+        plan: list[int] = []
+        consumed = 0
+        try:
+            while not matcher.is_accepting():
+                if len(plan) >= limit:
+                    return None
+                step = matcher.compute_ff_tokens()[:limit - len(plan)]
+                if not step:
+                    # inside a JSON string, and only there, a backslash may come next
+                    in_string = backslash is not None and matcher.validate_tokens([backslash]) == 1
+                    candidates = ['"'] if in_string else CLOSERS_OUTSIDE_STRINGS
+                    step = next(([ids[c]] for c in candidates if c in ids and matcher.validate_tokens([ids[c]]) == 1),
+                                None) or self._lowest_allowed(matcher, exclude=backslash)
+                if not step or matcher.validate_tokens(step) != len(step) or not matcher.consume_tokens(step):
+                    return None
+                plan += step
+                consumed += len(step)
+            if not matcher.is_stopped():
+                plan.append(self._vocab.eos_token_id)
+            return plan if len(plan) <= limit else None
+        finally:
+            matcher.rollback(consumed)
+
+    def _lowest_allowed(self, matcher, exclude: int | None) -> list[int]:
+        mask = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+        bits = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().nonzero().flatten().tolist()
+        special = set(self._vocab.special_token_ids)
+        return next(([t] for t in bits if t not in special and t != exclude), [])
+
+
+def _bit(position: int) -> int:
+    """The int32 word with only bit `position` set (bit 31 is the sign bit)."""
+    return 1 << position if position < 31 else -(1 << 31)
 
 
 def apply_allowed(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:

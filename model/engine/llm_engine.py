@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from model.engine.block_manager import BlockManager
 from model.engine.detokenizer import IncrementalDetokenizer
 from model.engine.guided import GrammarCompiler, GrammarError
@@ -20,6 +22,12 @@ from model.engine.sampler import TokenLogprobs
 from model.engine.sampling_params import SamplingParams
 from model.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from model.engine.sequence import ImageSpan, Sequence
+
+# A constrained request starts checking, this many tokens before its budget ends, whether it must
+# finish its grammar now; the margin covers a token that opens more than it closes (such as `{"`
+# or a forced key) between two checks.
+CLOSING_WINDOW = 64
+CLOSING_MARGIN = 16
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +122,9 @@ class _Request:
     pending_images: list[ImageFeatures] | None
     announced: bool = False  # the runner knows this sequence's sampling params
     matcher: object | None = None  # llguidance matcher of its grammar (response_format), fed every token
+    grammar_active: bool = False  # the grammar has started (at once, or at its trigger token)
+    trigger_cost: int = 0  # tokens from the trigger token to the grammar's end, the shortest way known
+    closing: bool = False  # out of budget: forcing the shortest way to the grammar's end
 
 
 class LLMEngine:
@@ -146,6 +157,7 @@ class LLMEngine:
         if vocab is not None and any(t >= vocab for t in params.logit_bias):
             raise RequestError(f"logit_bias names token ids outside this model's vocabulary [0, {vocab})")
         matcher = None
+        trigger_cost = 0
         if params.grammar is not None:
             if self.grammars is None:
                 raise RequestError("this engine has no grammar support (no tokenizer given)")
@@ -153,14 +165,19 @@ class LLMEngine:
                 matcher = self.grammars.matcher(params.grammar)
             except GrammarError as exc:
                 raise RequestError(f"the grammar cannot be compiled: {exc}") from exc
+            if params.grammar_trigger is not None:
+                trigger_cost = self._trigger_cost(matcher, params.grammar_trigger)
         if len(prompt_token_ids) >= self.config.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
                                f"length is {self.config.max_model_len} (prompt plus at least one generated token)")
         images = images or []
         spans = self._image_spans(prompt_token_ids, images, image_hashes or [str(i) for i in range(len(images))])
         seq = Sequence(request_id, list(prompt_token_ids), params, spans)
-        self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.decode, params.stop), images or None,
-                                             matcher=matcher)
+        # stop strings apply to free text, never inside grammar-constrained output (they would cut the JSON)
+        from_start = params.grammar is not None and params.grammar_trigger is None
+        self.requests[request_id] = _Request(
+            seq, IncrementalDetokenizer(self.decode, [] if from_start else params.stop), images or None,
+            matcher=matcher, grammar_active=from_start, trigger_cost=trigger_cost)
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(prompt_token_ids)
 
@@ -267,9 +284,39 @@ class LLMEngine:
             offset = 0
             if seq.images and c.start < len(seq.prompt_token_ids):
                 offset = seq.prompt_token_ids[:c.start].count(self.config.image_token_id)
-            allowed = self.grammars.allowed(req.matcher) if c.samples and req.matcher is not None else None
+            allowed = self._grammar_mask(req) if c.samples and req.matcher is not None else None
             step.chunks.append(SeqChunk(seq.seq_id, tokens, c.start, list(seq.block_table), c.samples, offset, allowed))
         return step
+
+    def _trigger_cost(self, matcher, trigger: int) -> int:
+        """Tokens from a lazy grammar's trigger to its end, the shortest way the closing plan finds
+        (a fresh matcher, rolled back after)."""
+        if not matcher.consume_token(trigger):
+            raise RequestError(f"the grammar does not start with its trigger token {trigger}")
+        plan = self.grammars.closing_plan(matcher, CLOSING_WINDOW)
+        matcher.rollback(1)
+        return CLOSING_WINDOW if plan is None else 1 + len(plan)
+
+    def _grammar_mask(self, req: _Request) -> torch.Tensor | None:
+        """The tokens a constrained request may sample this step, as a packed mask (None: any).
+
+        Near the end of its budget (max_tokens, or the context) a request is made to finish its
+        grammar: once the shortest way to the end, plus a margin for a token that opens more than
+        it closes, fills what is left, that way is forced token by token. A lazy grammar's trigger
+        is banned when the rest could not finish. So JSON and tool calls parse even when cut short
+        (finish_reason stays "length")."""
+        seq = req.seq
+        left = min(seq.params.max_tokens - len(seq.output_token_ids), self.config.max_model_len - len(seq))
+        if not req.grammar_active:
+            if left < req.trigger_cost + CLOSING_MARGIN:
+                return self.grammars.all_but(seq.params.grammar_trigger)
+            return None
+        if req.closing or left <= CLOSING_WINDOW:
+            plan = self.grammars.closing_plan(req.matcher, left)
+            if plan and (req.closing or len(plan) + CLOSING_MARGIN >= left):
+                req.closing = True
+                return self.grammars.only(plan[0])
+        return self.grammars.allowed(req.matcher)
 
     def _postprocess(self, chunks: list[ScheduledChunk], result: StepOutput) -> list[RequestOutput]:
         outputs = []
@@ -287,29 +334,39 @@ class LLMEngine:
                 continue
             seq.output_token_ids.append(token)
             self.generation_tokens_total += 1
-            if req.matcher is not None and not req.matcher.consume_token(token):
+            started = req.matcher is not None and not req.grammar_active and token == seq.params.grammar_trigger
+            req.grammar_active |= started
+            if req.grammar_active and not req.matcher.consume_token(token):
                 outputs.append(self._fail(req, f"its grammar refused token {token}: {req.matcher.get_error()}"))
                 continue
             try:
-                outputs.append(self._advance(req, token, logprobs))
+                outputs.append(self._advance(req, token, logprobs, started))
             except Exception as exc:  # noqa: BLE001 - e.g. detokenizing this request's text
                 log.error("request %s failed after its step: %s", seq.request_id, _describe(exc))
                 outputs.append(self._fail(req, _describe(exc)))
         return outputs
 
-    def _advance(self, req: _Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+    def _advance(self, req: _Request, token: int, logprobs: TokenLogprobs | None,
+                 grammar_started: bool = False) -> RequestOutput:
         seq, params = req.seq, req.seq.params
         reason = None
         if (token == self.config.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
             reason, text = "stop", req.detok.flush()
         else:
             text = req.detok.add(token)
+            if grammar_started:
+                # the free text before the trigger is final (this output carries all of it); what
+                # follows is the grammar's, not searched for stop strings
+                text += req.detok.flush()
+                req.detok = IncrementalDetokenizer(self.decode)
             if req.detok.stopped:
                 reason = "stop"
             elif req.matcher is not None and req.matcher.is_stopped():  # the grammar is complete
                 reason, text = "stop", text + req.detok.flush()
             elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.config.max_model_len:
                 reason, text = "length", text + req.detok.flush()
+        if reason == "stop" and req.closing:
+            reason = "length"  # finished early to fit the budget: the client should know it was cut
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._finished_ids.append(seq.seq_id)

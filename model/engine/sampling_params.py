@@ -29,6 +29,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     grammar: str | None = None  # llguidance grammar the output must match (response_format, tool calls)
+    # the grammar starts at this token, before which the output is free (tool_choice "auto": [TOOL_CALLS])
+    grammar_trigger: int | None = None
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (tool_choice "none": [TOOL_CALLS])
 
     def __post_init__(self) -> None:
@@ -50,6 +52,7 @@ class SamplingParams:
              f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}"),
             (all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
              "logit_bias maps token ids (non-negative integers) to values in [-100, 100]"),
+            (self.grammar_trigger is None or self.grammar is not None, "grammar_trigger needs a grammar"),
         ]
         for ok, message in checks:
             if not ok:
