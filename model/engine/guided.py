@@ -154,6 +154,8 @@ class GrammarCompiler:
                 self._vocab = _VocabularyBytes(inner, self.vocab_size)
                 self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(self._vocab))
                 self._closing_ids = self._byte_token_ids()
+                # the ordinary (not special) tokens, bit i for token i
+                self._ordinary = (1 << self.vocab_size) - 1 - sum(1 << t for t in self._vocab.special_token_ids)
             return self._tokenizer
 
     def _byte_token_ids(self) -> dict[str, int]:
@@ -243,10 +245,13 @@ class GrammarCompiler:
             matcher.rollback(consumed)
 
     def _lowest_allowed(self, matcher, exclude: int | None) -> list[int]:
-        mask = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
-        bits = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().nonzero().flatten().tolist()
-        special = set(self._vocab.special_token_ids)
-        return next(([t] for t in bits if t not in special and t != exclude), [])
+        """The lowest-numbered ordinary token the grammar allows (single bytes come first in both
+        vocabularies), other than `exclude`. The mask as one Python integer: a few C-level
+        operations on 16 KB, where tensor ops would cost more in overhead."""
+        bits = int.from_bytes(matcher.compute_bitmask(), "little") & self._ordinary
+        if exclude is not None:
+            bits &= ~(1 << exclude)
+        return [(bits & -bits).bit_length() - 1] if bits else []
 
 
 def _bit(position: int) -> int:

@@ -125,6 +125,7 @@ class _Request:
     grammar_active: bool = False  # the grammar has started (at once, or at its trigger token)
     trigger_cost: int = 0  # tokens from the trigger token to the grammar's end, the shortest way known
     closing: bool = False  # out of budget: forcing the shortest way to the grammar's end
+    check_closing_at: int = 0  # budget left at which to check next whether it must close (0: from the window on)
 
 
 class LLMEngine:
@@ -311,11 +312,16 @@ class LLMEngine:
             if left < req.trigger_cost + CLOSING_MARGIN:
                 return self.grammars.all_but(seq.params.grammar_trigger)
             return None
-        if req.closing or left <= CLOSING_WINDOW:
+        if req.closing or left <= min(CLOSING_WINDOW, req.check_closing_at or CLOSING_WINDOW):
             plan = self.grammars.closing_plan(req.matcher, left)
             if plan and (req.closing or len(plan) + CLOSING_MARGIN >= left):
                 req.closing = True
                 return self.grammars.only(plan[0])
+            if plan:
+                # each token adds at most CLOSING_MARGIN to the plan, so k tokens from now the
+                # check can first matter when len(plan) + (k + 1) * margin >= left - k
+                k = max(1, -(-(left - len(plan) - CLOSING_MARGIN) // (CLOSING_MARGIN + 1)))
+                req.check_closing_at = left - k
         return self.grammars.allowed(req.matcher)
 
     def _postprocess(self, chunks: list[ScheduledChunk], result: StepOutput) -> list[RequestOutput]:
