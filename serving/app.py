@@ -13,6 +13,7 @@ from ray.serve import Application
 from serving.config import AppConfig
 from serving.decoder_server import DecoderServer
 from serving.ingress import MODEL_NAME_ENV, OpenAIIngress
+from serving.routing import router_config
 from serving.vision_encoder_server import VisionEncoderServer
 
 
@@ -34,6 +35,8 @@ def vision_options(cfg: AppConfig) -> dict[str, Any]:
                                          "upscale_delay_s": v.upscale_delay_s, "downscale_delay_s": v.downscale_delay_s}
     else:
         options["num_replicas"] = int(v.num_replicas)
+    if v.affinity_routing:
+        options["request_router_config"] = router_config("vision", cfg.served_model_name, v.affinity_load_factor)
     return options
 
 
@@ -60,7 +63,9 @@ def decoder_options(cfg: AppConfig) -> dict[str, Any]:
             # the engine batches up to max_num_seqs; a bounded number more wait inside it, the
             # next ones in Serve's queue, and past max_queued_requests callers get a 503 at once
             "max_ongoing_requests": d.max_num_seqs * 2, "max_queued_requests": d.max_queued_requests,
-            "health_check_period_s": 5.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 60.0}
+            "health_check_period_s": 5.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 60.0,
+            **({"request_router_config": router_config("decoder", cfg.served_model_name, d.affinity_load_factor)}
+               if d.affinity_routing else {})}
 
 
 def ingress_options(cfg: AppConfig) -> dict[str, Any]:

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", action="append", default=None,
                    help="require this Bearer key (repeat for several; or set PIXTRAL_SERVE_API_KEYS=k1,k2)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs for the local Ray cluster")
+    p.add_argument("--no-fit", action="store_true",
+                   help="keep the configured CPU asks instead of shrinking them to fit the cluster")
     return p.parse_args(argv)
 
 
@@ -113,8 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from serving.app import build_app
+    from serving.placement import PlacementError, check_placeable, fit_to_cluster
 
     ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if not ns.no_fit:
+        for note in fit_to_cluster(cfg, nodes):
+            print(f"fitted to this cluster: {note}", flush=True)
+    try:
+        check_placeable(cfg, nodes)
+    except PlacementError as exc:
+        ray.shutdown()
+        raise SystemExit(f"pixtral-serve: {exc}") from None
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(build_app(cfg.to_dict()), name="pixtral", route_prefix="/")
     base = f"http://{ns.host}:{ns.port}"

@@ -44,6 +44,10 @@ class VisionPoolConfig:
     num_cpus: float = 1.0
     num_gpus: float | None = None  # default: VISION_GPU_SHARE on CUDA, 0 on CPU (the encoder is small)
     cache_bytes: int = 256 << 20  # encoder-output cache, keyed by image content hash
+    # route an image to the replica whose cache likely holds it (serving/routing.py); a replica
+    # takes its keys only while under affinity_load_factor x the mean load
+    affinity_routing: bool = True
+    affinity_load_factor: float = 1.25
     accelerator_type: str | None = None  # e.g. "L4": land on the nodes that name it
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources to require
 
@@ -60,6 +64,8 @@ class DecoderConfig:
     kv_cache_bytes: int = 1 << 30  # CPU budget
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    affinity_routing: bool = True  # route a prompt to the replica whose prefix cache likely holds it
+    affinity_load_factor: float = 1.25
     max_queued_requests: int = 256
     accelerator_type: str | None = None  # e.g. "H100"
     resources: dict[str, float] = field(default_factory=dict)

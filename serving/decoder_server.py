@@ -23,6 +23,7 @@ from serving.config import AppConfig
 from serving.health import start_heap_trimmer
 from serving.logs import setup_logging
 from serving.metrics import count, metric
+from serving.routing import prefix_key
 
 
 @dataclass
@@ -31,6 +32,11 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     image_hashes: list[str]
+
+    @property
+    def affinity_key(self) -> str:
+        """The decoder routes a prompt to the replica whose prefix cache likely holds its start."""
+        return prefix_key(self.image_hashes, self.prompt_token_ids)
 
 
 def _failed(request: GenerateRequest, failure: RequestFailure) -> RequestOutput:
@@ -108,7 +114,8 @@ class DecoderServer:
             yield _failed(request, RequestFailure("unavailable", str(exc), exc.retryable))
 
     def stats(self) -> dict:
-        return vars(self.engine.stats())
+        # the replica as the affinity ring names it
+        return {**vars(self.engine.stats()), "replica": serve.get_replica_context().replica_id.unique_id}
 
     def check_health(self) -> None:
         if not self.engine.healthy:

@@ -75,6 +75,11 @@ class ImagePayload:
     def nbytes(self) -> int:
         return self.pixels.nbytes
 
+    @property
+    def affinity_key(self) -> str:
+        """The vision pool routes an image to the replica whose cache likely holds it."""
+        return self.content_hash
+
 
 @dataclass
 class DecodedImage:

@@ -39,6 +39,8 @@ DEFINITIONS = {
     "pixtral_prefix_cache_queries_total": ("counter", "KV blocks looked up in the prefix cache", None, ()),
     "pixtral_prefix_cache_hits_total": ("counter", "KV blocks found in the prefix cache", None, ()),
     "pixtral_request_failures_total": ("counter", "Requests the engine failed alone (their step raised); it carried on", None, ()),
+    "pixtral_affinity_routes_total": ("counter", "Requests routed by cache affinity: to the replica their key hashes "
+                                      "to (affine), or past it by the load bound (spilled)", None, ("pool", "outcome")),
     "pixtral_event_loop_lag_seconds": ("histogram", "How late the ingress event loop woke a 50 ms timer", LOOP_LAG_BUCKETS, ()),
 }
 

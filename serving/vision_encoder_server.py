@@ -132,7 +132,8 @@ class VisionEncoderServer:
         import ray
 
         return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "recent_batch_sizes": list(self.recent_batch_sizes),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "replica": serve.get_replica_context().replica_id.unique_id}  # as the affinity ring names it
 
     def check_health(self) -> None:
         if self.error is not None:  # a live replica with its weights loaded is healthy, unless its device failed

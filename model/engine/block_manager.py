@@ -55,10 +55,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         parent = None
+        # every full block of the prompt could have been cached (the last token is always computed):
+        # the hit rate is the share of those found, as vLLM counts it in tokens
+        self.prefix_queried_blocks += (len(seq) - 1) // self.block_size
         for index in range((len(seq) - 1) // self.block_size):
             h, tokens = self.block_hash(seq, index, parent)
             block = self.hash_to_block.get(h)
-            self.prefix_queried_blocks += 1
             if block is None or self.block_key[block] != (h, tokens):
                 break
             self._take(block)
