@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serving.autoscaling import policy_config
 from serving.config import AppConfig
 from serving.decoder_server import DecoderServer
 from serving.ingress import MODEL_NAME_ENV, OpenAIIngress
@@ -57,7 +58,17 @@ def decoder_options(cfg: AppConfig) -> dict[str, Any]:
     first = bundles[0]
     actor = {"num_cpus": first["CPU"], "num_gpus": first.get("GPU", 0.0),
              "resources": {k: v for k, v in first.items() if k not in ("CPU", "GPU")}}
-    return {"num_replicas": d.num_replicas, "ray_actor_options": actor,
+    if d.num_replicas == "auto":
+        autoscaling = {"min_replicas": d.min_replicas, "max_replicas": d.max_replicas, "initial_replicas": d.min_replicas,
+                       "upscale_delay_s": d.upscale_delay_s, "downscale_delay_s": d.downscale_delay_s,
+                       "look_back_period_s": d.look_back_period_s,
+                       "policy": policy_config(d.target_sequences, d.kv_high)}
+        if d.metrics_interval_s != 10.0:  # Serve warns that the field is deprecated; set only when asked
+            autoscaling["metrics_interval_s"] = d.metrics_interval_s
+        replicas = {"autoscaling_config": autoscaling}
+    else:
+        replicas = {"num_replicas": d.num_replicas}
+    return {**replicas, "ray_actor_options": actor,
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK" if cfg.device == "cuda" else "PACK",
             # the engine batches up to max_num_seqs; a bounded number more wait inside it, the

@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--tensor-parallel-size", type=int)
-    p.add_argument("--decoder-replicas", type=int)
+    p.add_argument("--decoder-replicas", help="a number, or 'auto' to autoscale on the engines' load")
+    p.add_argument("--decoder-min-replicas", type=int)
+    p.add_argument("--decoder-max-replicas", type=int)
     p.add_argument("--vision-replicas", help="a number, or 'auto' to autoscale")
     p.add_argument("--vision-min-replicas", type=int)
     p.add_argument("--vision-max-replicas", type=int)
@@ -77,7 +79,8 @@ def config_from_args(ns: argparse.Namespace) -> AppConfig:
     if keys:
         data["api_keys"] = keys
     nested = {
-        "decoder": {"tensor_parallel_size": ns.tensor_parallel_size, "num_replicas": ns.decoder_replicas,
+        "decoder": {"tensor_parallel_size": ns.tensor_parallel_size, "num_replicas": _replicas(ns.decoder_replicas),
+                    "min_replicas": ns.decoder_min_replicas, "max_replicas": ns.decoder_max_replicas,
                     "kv_cache_bytes": int(ns.kv_cache_gb * 2**30) if ns.kv_cache_gb else None},
         "vision": {"num_replicas": _replicas(ns.vision_replicas), "min_replicas": ns.vision_min_replicas,
                    "max_replicas": ns.vision_max_replicas, "num_gpus": ns.vision_gpus},

@@ -54,7 +54,17 @@ class VisionPoolConfig:
 
 @dataclass
 class DecoderConfig:
-    num_replicas: int = 1
+    # "auto": autoscaled between min and max replicas on the engines' running and waiting
+    # sequences and KV usage (serving/autoscaling.py); each replica is a whole placement group
+    num_replicas: int | str = 1
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_sequences: float | None = None  # running + waiting per replica; default 3/4 of max_num_seqs
+    kv_high: float = 0.9  # a replica above this KV usage with sequences waiting asks for one more
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 300.0  # a decoder takes minutes to load: keep it through short lulls
+    look_back_period_s: float = 30.0  # the window the policy averages the engines' reports over
+    metrics_interval_s: float = 10.0  # how often replicas send them (Serve's default)
     tensor_parallel_size: int = 1
     cpus_per_rank: float = 1.0
     gpus_per_rank: float | None = None  # default: DECODER_GPU_SHARE on CUDA
@@ -113,6 +123,14 @@ class AppConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}: float32, bfloat16 or float16")
         if self.decoder.tensor_parallel_size < 1:
             raise ValueError(f"decoder.tensor_parallel_size must be at least 1, got {self.decoder.tensor_parallel_size}")
+        d = self.decoder
+        if d.num_replicas != "auto" and not (isinstance(d.num_replicas, int) and d.num_replicas >= 1):
+            raise ValueError(f"decoder.num_replicas must be a positive integer or 'auto', got {d.num_replicas!r}")
+        if not 1 <= d.min_replicas <= d.max_replicas:
+            raise ValueError(f"decoder replicas need 1 <= min_replicas <= max_replicas, got {d.min_replicas}, "
+                             f"{d.max_replicas}")
+        if d.target_sequences is None:
+            d.target_sequences = max(0.75 * d.max_num_seqs, 1.0)
         if self.vision.num_gpus is None:
             self.vision.num_gpus = VISION_GPU_SHARE if cuda else 0.0
         if self.decoder.gpus_per_rank is None:

@@ -113,6 +113,12 @@ class DecoderServer:
         except EngineDeadError as exc:
             yield _failed(request, RequestFailure("unavailable", str(exc), exc.retryable))
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the decoder autoscaling policy scales on (Serve calls this when autoscaling is on)."""
+        stats = self.engine.stats()
+        return {"running_sequences": stats.running, "waiting_sequences": stats.waiting,
+                "kv_cache_usage": stats.kv_usage}
+
     def stats(self) -> dict:
         # the replica as the affinity ring names it
         return {**vars(self.engine.stats()), "replica": serve.get_replica_context().replica_id.unique_id}

@@ -44,19 +44,27 @@ def _vision_max(cfg: AppConfig) -> int:
     return v.max_replicas if v.num_replicas == "auto" else int(v.num_replicas)
 
 
+def decoder_replicas(cfg: AppConfig, most: bool) -> int:
+    """The decoder's replica count: at most (autoscaled to its maximum) or at least."""
+    d = cfg.decoder
+    if d.num_replicas != "auto":
+        return int(d.num_replicas)
+    return d.max_replicas if most else d.min_replicas
+
+
 def fit_to_cluster(cfg: AppConfig, nodes: list[dict[str, float]]) -> list[str]:
     """Shrink `cfg`'s CPU asks (in place) to fit the nodes' CPUs; returns what changed, in words."""
     total = sum(n.get("CPU", 0.0) for n in nodes) - CPU_HEADROOM
     d, v, i = cfg.decoder, cfg.vision, cfg.ingress
     notes = []
-    decoders = d.num_replicas * decoder_cpus(cfg)
+    decoders = decoder_replicas(cfg, most=True) * decoder_cpus(cfg)
     # the decoder keeps its ask if that leaves something for the two pools, else half the cluster
     if decoders > total * 0.8:
         share = total * 0.5 / decoders
         new = _floor(d.cpus_per_rank * share)
         notes.append(f"decoder.cpus_per_rank {d.cpus_per_rank:g} -> {new:g}")
         d.cpus_per_rank = new
-        decoders = d.num_replicas * decoder_cpus(cfg)
+        decoders = decoder_replicas(cfg, most=True) * decoder_cpus(cfg)
     rest = total - decoders
     pools = i.max_replicas * i.num_cpus + _vision_max(cfg) * v.num_cpus
     if pools > rest:
@@ -122,7 +130,7 @@ def _sum(nodes: list[dict[str, float]]) -> dict[str, float]:
 def _minimum_total(cfg: AppConfig, decoder: dict[str, float]) -> dict[str, float]:
     v, i = cfg.vision, cfg.ingress
     vision_min = v.min_replicas if v.num_replicas == "auto" else int(v.num_replicas)
-    total = {k: val * cfg.decoder.num_replicas for k, val in decoder.items()}
+    total = {k: val * decoder_replicas(cfg, most=False) for k, val in decoder.items()}
     total["CPU"] = total.get("CPU", 0.0) + vision_min * v.num_cpus + i.min_replicas * i.num_cpus
     total["GPU"] = total.get("GPU", 0.0) + vision_min * (v.num_gpus or 0.0)
     return total

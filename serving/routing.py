@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+import weakref
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -103,6 +104,24 @@ class AffinityRouter(RequestRouter):
                          virtual_nodes: int = 64) -> None:
         self.tags = {"model": model, "pool": pool}
         self.ring = BoundedLoadRing(virtual_nodes, load_factor)
+        # the request each routing attempt is for, by its metadata object (see below)
+        self._routing: weakref.WeakValueDictionary[int, PendingRequest] = weakref.WeakValueDictionary()
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Give the replica to the request it was chosen for.
+
+        Serve matches a chosen replica to its request by `internal_request_id`, which the calls a
+        request makes share: a request's images go to the vision pool as sibling calls, and its
+        n choices to the decoder. Serve's index keeps one request per id, so without this a
+        sibling's replica went to the first sibling and the other waited forever. (Serve's
+        default router hands replicas out first-in first-out instead, which would undo
+        affinity.) Uses the base router's pending-request index, a private attribute."""
+        mine = self._routing.pop(id(request_metadata), None) if request_metadata is not None else None
+        indexed = self._pending_requests_by_id.get(request_metadata.internal_request_id) if mine else None
+        if mine is not None and indexed is not mine and not mine.future.done():
+            mine.future.set_result(replica)
+            return
+        super()._fulfill_next_pending_request(replica, request_metadata)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -112,6 +131,7 @@ class AffinityRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # all full: wait, do not spin
+            self._routing[id(pending_request.metadata)] = pending_request
         key = None
         if pending_request is not None and pending_request.args:
             key = getattr(pending_request.args[0], "affinity_key", None)

@@ -62,6 +62,17 @@ def test_manifest_is_generated_from_deploy(target):
     assert head["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
+def test_decoder_pods_follow_the_decoder_autoscaling_bounds(target):
+    """The Ray autoscaler may add a decoder pod for each decoder replica Serve scales up to."""
+    decoder = AppConfig.from_dict(yaml.safe_load((ROOT / "deploy" / target.serve_config).read_text())
+                                  ["applications"][0]["args"]).decoder
+    per_pod = target.decoder.gpus_per_pod // decoder.tensor_parallel_size
+    assert decoder.num_replicas == "auto"
+    assert target.decoder.min_replicas * per_pod == decoder.min_replicas
+    assert target.decoder.max_replicas * per_pod == decoder.max_replicas
+
+
 def test_podmonitor_selects_our_pods_on_the_metrics_port():
     monitor = yaml.safe_load((ROOT / "k8s" / "podmonitor.yaml").read_text())
     assert monitor["kind"] == "PodMonitor"
