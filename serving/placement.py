@@ -98,10 +98,7 @@ def check_placeable(cfg: AppConfig, nodes: list[dict[str, float]]) -> None:
         if not any(_fits(ask, n) for n in nodes):
             problems.append(f"a {name} replica asks for {_describe(ask)}, which no node has")
     bundles = decoder_bundles(cfg)
-    together: dict[str, float] = {}
-    for b in bundles:
-        for k, val in b.items():
-            together[k] = together.get(k, 0.0) + val
+    together = _sum(bundles)
     if cfg.device == "cuda":  # STRICT_PACK: the whole placement group on one node
         if not any(_fits(together, n) for n in nodes):
             problems.append(f"a decoder replica (tensor parallel {cfg.decoder.tensor_parallel_size}) asks for "
@@ -119,9 +116,10 @@ def check_placeable(cfg: AppConfig, nodes: list[dict[str, float]]) -> None:
                              "vision.num_gpus, ingress.num_cpus, tensor_parallel_size) or add nodes.")
 
 
-def _sum(nodes: list[dict[str, float]]) -> dict[str, float]:
+def _sum(resources: list[dict[str, float]]) -> dict[str, float]:
+    """Resource dicts (nodes, or bundles) added up."""
     out: dict[str, float] = {}
-    for n in nodes:
+    for n in resources:
         for k, v in n.items():
             out[k] = out.get(k, 0.0) + v
     return out
