@@ -1,6 +1,7 @@
 """`build_app(args)` composes the whole application from one config.
 
-Used by `serve run deploy/<config>.yaml` (import path `serving.app:build_app`), by the
+One ingress, and for each served model (one, or several under `models:`) its own vision pool and
+decoder. Used by `serve run deploy/<config>.yaml` (import path `serving.app:build_app`), by the
 `pixtral-serve` command and by the tests.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 from ray.serve import Application
 
 from serving.autoscaling import policy_config
-from serving.config import AppConfig
+from serving.config import AppConfig, deployment_names, model_configs
 from serving.decoder_server import DecoderServer
 from serving.ingress import MODEL_NAME_ENV, OpenAIIngress
 from serving.routing import router_config
@@ -79,10 +80,16 @@ def decoder_options(cfg: AppConfig) -> dict[str, Any]:
                if d.affinity_routing else {})}
 
 
-def ingress_options(cfg: AppConfig) -> dict[str, Any]:
+def ingress_options(cfg: AppConfig, label: str | None = None) -> dict[str, Any]:
+    """The ingress of the app whose first model is `cfg` (the ingress settings are app-wide).
+
+    `label`: the `model` label of HTTP requests that name no served model (401s, bad JSON); the
+    served name when there is one model. The HTTP middleware runs outside the class, so it gets it
+    from the environment.
+    """
     i = cfg.ingress
-    # the HTTP middleware labels its metrics with the model name; it runs outside the class
-    actor = {"num_cpus": i.num_cpus, "runtime_env": {"env_vars": {MODEL_NAME_ENV: cfg.served_model_name}}}
+    label = cfg.served_model_name if label is None else label
+    actor = {"num_cpus": i.num_cpus, "runtime_env": {"env_vars": {MODEL_NAME_ENV: label}}}
     return {"ray_actor_options": actor,
             "autoscaling_config": {"min_replicas": i.min_replicas, "max_replicas": i.max_replicas,
                                    "initial_replicas": i.min_replicas,
@@ -92,12 +99,29 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any]) -> Application:
     """The Serve application; `model: demo` means the built-in tiny checkpoint (made once, cached)."""
-    if args.get("model") == "demo":
+    configs = model_configs(_demo_resolved(args))
+    several = len(configs) > 1
+    pools = []
+    for cfg in configs:
+        config = cfg.to_dict()
+        vision_name, decoder_name = deployment_names(cfg, several)
+        vision = VisionEncoderServer.options(name=vision_name, **vision_options(cfg)).bind(config)
+        decoder = DecoderServer.options(name=decoder_name, **decoder_options(cfg)).bind(config)
+        pools += [vision, decoder]
+    ingress = ingress_options(configs[0], "" if several else None)
+    return OpenAIIngress.options(**ingress).bind([cfg.to_dict() for cfg in configs], *pools)
+
+
+def _demo_resolved(args: dict[str, Any]) -> dict[str, Any]:
+    """`model: demo` (at the top or in a `models:` entry) -> the built-in tiny checkpoint's path."""
+    def resolve(entry: dict[str, Any]) -> dict[str, Any]:
+        if entry.get("model") != "demo":
+            return entry
         from model.demo import demo_checkpoint
 
-        args = {**args, "model": str(demo_checkpoint())}
-    cfg = AppConfig.from_dict(args)
-    config = cfg.to_dict()
-    vision = VisionEncoderServer.options(**vision_options(cfg)).bind(config)
-    decoder = DecoderServer.options(**decoder_options(cfg)).bind(config)
-    return OpenAIIngress.options(**ingress_options(cfg)).bind(config, vision, decoder)
+        return {**entry, "model": str(demo_checkpoint())}
+
+    args = resolve(args)
+    if isinstance(args.get("models"), list):
+        args = {**args, "models": [resolve(e) if isinstance(e, dict) else e for e in args["models"]]}
+    return args

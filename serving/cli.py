@@ -4,6 +4,7 @@
     pixtral-serve --model /models/Pixtral-12B-2409 --device cuda      # bf16 on CUDA unless --dtype says
     pixtral-serve --model /models/pixtral-12b-hf --tokenizer /models/tekken.json   # a community HF repo
     pixtral-serve --model DIR --tensor-parallel-size 8 --vision-replicas auto --vision-max-replicas 4
+    pixtral-serve --config models.yaml    # several models in one app (`models:`, see the README)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import threading
 from pathlib import Path
 
-from serving.config import AppConfig
+from serving.config import AppConfig, app_args, model_configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,12 +55,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from_args(ns: argparse.Namespace) -> AppConfig:
-    data: dict = {}
-    if ns.config:
-        import yaml
+# flags that configure one model; with several models (`models:` in --config) they are refused
+MODEL_FLAGS = ("model", "tokenizer", "served_model_name", "model_alias", "device", "dtype", "tensor_parallel_size",
+               "decoder_replicas", "decoder_min_replicas", "decoder_max_replicas", "vision_replicas",
+               "vision_min_replicas", "vision_max_replicas", "vision_gpus", "max_model_len", "max_images",
+               "max_image_pixels", "kv_cache_gb")
 
-        data = yaml.safe_load(ns.config.read_text()) or {}
+
+def _config_file(ns: argparse.Namespace) -> dict:
+    if not ns.config:
+        return {}
+    import yaml
+
+    return yaml.safe_load(ns.config.read_text()) or {}
+
+
+def _api_keys(ns: argparse.Namespace) -> list[str]:
+    return ns.api_key or [k for k in os.environ.get("PIXTRAL_SERVE_API_KEYS", "").split(",") if k]
+
+
+def configs_from_args(ns: argparse.Namespace) -> list[AppConfig]:
+    """One AppConfig per served model: several when --config lists `models:`, else the flags' one."""
+    data = _config_file(ns)
+    if "models" not in data:
+        return [config_from_args(ns)]
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS if getattr(ns, name) is not None]
+    if given:
+        raise SystemExit(f"pixtral-serve: {', '.join(given)} configure one model; {ns.config} serves several "
+                         "(`models:`): set these in its entries")
+    if _api_keys(ns):
+        data["api_keys"] = _api_keys(ns)
+    return model_configs(data)
+
+
+def config_from_args(ns: argparse.Namespace) -> AppConfig:
+    data = _config_file(ns)
     if ns.model:
         data["model"] = ns.model
     if "model" not in data:
@@ -75,7 +105,7 @@ def config_from_args(ns: argparse.Namespace) -> AppConfig:
     simple = {"served_model_name": ns.served_model_name, "model_aliases": ns.model_alias, "device": ns.device,
               "dtype": ns.dtype, "max_model_len": ns.max_model_len, "tokenizer": ns.tokenizer}
     data.update({k: v for k, v in simple.items() if v is not None})
-    keys = ns.api_key or [k for k in os.environ.get("PIXTRAL_SERVE_API_KEYS", "").split(",") if k]
+    keys = _api_keys(ns)
     if keys:
         data["api_keys"] = keys
     nested = {
@@ -113,7 +143,7 @@ def example_curl(base: str, model: str, api_key: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
-    cfg = config_from_args(ns)
+    configs = configs_from_args(ns)
     import ray
     from ray import serve
 
@@ -123,19 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     if not ns.no_fit:
-        for note in fit_to_cluster(cfg, nodes):
+        for note in fit_to_cluster(configs, nodes):
             print(f"fitted to this cluster: {note}", flush=True)
     try:
-        check_placeable(cfg, nodes)
+        check_placeable(configs, nodes)
     except PlacementError as exc:
         ray.shutdown()
         raise SystemExit(f"pixtral-serve: {exc}") from None
     serve.start(http_options={"host": ns.host, "port": ns.port})
-    serve.run(build_app(cfg.to_dict()), name="pixtral", route_prefix="/")
+    serve.run(build_app(app_args(configs)), name="pixtral", route_prefix="/")
     base = f"http://{ns.host}:{ns.port}"
-    print(f"\npixtral-serve is up: {base}/v1  (model {cfg.served_model_name!r}, checkpoint {cfg.model})")
+    served = ", ".join(f"{c.served_model_name!r} (checkpoint {c.model})" for c in configs)
+    print(f"\npixtral-serve is up: {base}/v1  (model{'s' if len(configs) > 1 else ''} {served})")
     print(f"health: {base}/health   models: {base}/v1/models\n")
-    print(example_curl(base, cfg.served_model_name, cfg.api_keys[0] if cfg.api_keys else None), flush=True)
+    first = configs[0]
+    print(example_curl(base, first.served_model_name, first.api_keys[0] if first.api_keys else None), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,11 +1,15 @@
-"""One configuration for the whole application, from Serve config `args` or the CLI.
+"""One configuration per served model, from Serve config `args` or the CLI.
 
 A plain dataclass (validated once); the deployments read their own slices of it.
+
+One application serves one model, or several listed under `models:` (see `model_configs`). Each
+model has its own vision pool and decoder; one ingress routes by the request's `model` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,3 +166,63 @@ def _build(cls: type, values: dict[str, Any], where: str):
     if unknown:
         raise ValueError(f"unknown {where} config keys: {unknown}; known: {sorted(known)}")
     return cls(**values)
+
+
+# keys that belong to the application, not to one model: set beside `models:`, never in an entry
+APP_WIDE_KEYS = ("ingress", "api_keys", "max_body_bytes")
+# sections an entry of `models:` merges key by key into the shared ones beside it
+NESTED_SECTIONS = ("images", "vision", "decoder")
+
+
+def model_configs(args: dict[str, Any]) -> list[AppConfig]:
+    """Serve config `args` -> one AppConfig per served model.
+
+    Without `models:` the args are one model's config. With it, every entry is one model, and the
+    keys beside `models:` are shared: the app-wide ones (ingress, api_keys, max_body_bytes), and
+    defaults each entry may override (device, dtype, images, vision, decoder... section by key).
+    Served names and aliases must be unique across the models: they are what requests route by.
+    """
+    if "models" not in args:
+        return [AppConfig.from_dict(args)]
+    entries = args["models"]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("models must be a non-empty list of model configs")
+    shared = {k: v for k, v in args.items() if k != "models"}
+    configs = []
+    for index, entry in enumerate(entries):
+        misplaced = sorted(set(entry) & set(APP_WIDE_KEYS))
+        if misplaced:
+            raise ValueError(f"models[{index}] sets {misplaced}, which are app-wide: set them beside models")
+        merged = {**shared, **entry}
+        for section in NESTED_SECTIONS:
+            if isinstance(shared.get(section), dict) and isinstance(entry.get(section), dict):
+                merged[section] = {**shared[section], **entry[section]}
+        configs.append(AppConfig.from_dict(merged))
+    seen: dict[str, str] = {}
+    for cfg in configs:
+        for name in cfg.model_names:
+            if name in seen:
+                raise ValueError(f"model name {name!r} is used by both {seen[name]!r} and {cfg.served_model_name!r}; "
+                                 "served names and aliases must be unique")
+            seen[name] = cfg.served_model_name
+    slugs = [deployment_names(cfg, several=True)[1] for cfg in configs]
+    if len(set(slugs)) < len(slugs):
+        raise ValueError(f"served model names must differ in more than punctuation: deployments {slugs}")
+    return configs
+
+
+def app_args(configs: list[AppConfig]) -> dict[str, Any]:
+    """The inverse of `model_configs`: args for `build_app` (after the CLI fitted the configs)."""
+    if len(configs) == 1:
+        return configs[0].to_dict()
+    shared = {k: v for k, v in configs[0].to_dict().items() if k in APP_WIDE_KEYS}
+    entries = [{k: v for k, v in cfg.to_dict().items() if k not in APP_WIDE_KEYS} for cfg in configs]
+    return {**shared, "models": entries}
+
+
+def deployment_names(cfg: AppConfig, several: bool) -> tuple[str, str]:
+    """(vision pool, decoder) deployment names: plain for one model, suffixed by its name for several."""
+    if not several:
+        return "VisionEncoder", "Decoder"
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "-", cfg.served_model_name)
+    return f"VisionEncoder-{slug}", f"Decoder-{slug}"

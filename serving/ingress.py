@@ -2,7 +2,9 @@
 
 A thin shell: it turns a chat request into prompt tokens and image payloads, asks the vision pool
 for features and the decoder for tokens (the features go from one to the other directly), and
-formats what comes back as OpenAI's JSON or server-sent events.
+formats what comes back as OpenAI's JSON or server-sent events. With several models in one app,
+the request's `model` field (a served name or an alias) picks the model, and with it the
+tokenizer, the limits and the two pools.
 """
 
 
@@ -42,7 +44,8 @@ from serving.vision_encoder_server import ImageEncodeError
 log = logging.getLogger("pixtral_serve.ingress")
 
 app = FastAPI(title="pixtral-serve", docs_url=None, redoc_url=None)
-MODEL_NAME_ENV = "PIXTRAL_SERVE_MODEL_NAME"  # set per ingress deployment by build_app
+# the `model` label of requests that name no served model (set per ingress deployment by build_app)
+MODEL_NAME_ENV = "PIXTRAL_SERVE_MODEL_NAME"
 
 
 @app.middleware("http")
@@ -54,8 +57,9 @@ async def _count_requests(request: Request, call_next):
         return response
     finally:
         route = request.scope.get("route")
-        tags = {"model": os.environ.get(MODEL_NAME_ENV, ""), "route": route.path if route else "unmatched",
-                "status_code": str(status)}
+        # the handler names the served model once it knows it (request.state lives in the scope)
+        model = getattr(request.state, "model", None) or os.environ.get(MODEL_NAME_ENV, "")
+        tags = {"model": model, "route": route.path if route else "unmatched", "status_code": str(status)}
         metric("pixtral_http_requests_total").inc(tags=tags)
 
 
@@ -192,24 +196,59 @@ def _raise_for_engine_error(out: RequestOutput) -> None:
     raise _model_unavailable("the model is restarting; retry shortly", failure.retryable)
 
 
+class ServedModel:
+    """One model behind the ingress: its config, tokenizer and image geometry, and its two pools."""
+
+    def __init__(self, cfg: AppConfig, vision: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        self.cfg, self.vision, self.decoder = cfg, vision, decoder
+        self.tokenizer = ChatTokenizer(find_tokenizer_file(cfg.model, cfg.tokenizer))
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
+        args = load_model_args(cfg.model, cfg.tokenizer).vision_encoder
+        self.geometry = ImageGeometry(args.patch_size, args.max_image_size,
+                                      args.spatial_merge_size if args.uses_patch_merger else 1)
+        self.tags = {"model": cfg.served_model_name}
+        self._decoder_info: dict | None = None
+        self._info_lock = asyncio.Lock()
+
+    async def info(self) -> dict:
+        """The decoder's limits (max_model_len), asked once: concurrent first requests share the call."""
+        if self._decoder_info is None:
+            async with self._info_lock:
+                if self._decoder_info is None:
+                    self._decoder_info = await _first(_unavailable_as_503(_once(self.decoder.info.remote())))
+        return self._decoder_info
+
+    def logprobs(self, out: RequestOutput) -> list[dict]:
+        entries = []
+        for lp in out.logprobs:
+            entries.append({**self._token_entry(lp.token, lp.logprob),
+                            "top_logprobs": [self._token_entry(t, v) for t, v in lp.top]})
+        return entries
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        text = self._token_texts.get(token)
+        if text is None:  # decoded once per token id: the vocabulary bounds this cache
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def starts_tool_call(self, body: ChatCompletionRequest, out: RequestOutput) -> bool:
+        """This output carries [TOOL_CALLS]: the model starts its calls (with tools offered)."""
+        return body.tool_mode not in (None, "none") and self.tokenizer.tool_calls_token in out.token_ids
+
+
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, config: dict, vision: DeploymentHandle, decoder: DeploymentHandle) -> None:
+    def __init__(self, configs: list[dict], *pools: DeploymentHandle) -> None:
+        """`configs`: one per served model; `pools`: each model's vision pool and decoder, in turn."""
         setup_logging()
-        self.cfg = AppConfig.from_dict(config)
-        self.vision = vision
-        self.decoder = decoder
-        self.tokenizer = ChatTokenizer(find_tokenizer_file(self.cfg.model, self.cfg.tokenizer))
-        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
-        args = load_model_args(self.cfg.model, self.cfg.tokenizer).vision_encoder
-        self.geometry = ImageGeometry(args.patch_size, args.max_image_size,
-                                      args.spatial_merge_size if args.uses_patch_merger else 1)
-        self._decoder_info: dict | None = None
-        self._info_lock = asyncio.Lock()
-        self.tags = {"model": self.cfg.served_model_name}
-        self.readiness = Readiness(serve.get_replica_context().app_name, [vision.deployment_name,
-                                                                           decoder.deployment_name])
+        self.models = [ServedModel(AppConfig.from_dict(c), pools[2 * k], pools[2 * k + 1])
+                       for k, c in enumerate(configs)]
+        self.by_name = {name: m for m in self.models for name in m.cfg.model_names}
+        # the app-wide settings (api_keys, max_body_bytes, ingress) are the same in every config
+        self.cfg = self.models[0].cfg
+        self.tags = {"model": os.environ.get(MODEL_NAME_ENV, "")}  # this replica's own metrics
+        self.readiness = Readiness(serve.get_replica_context().app_name, [p.deployment_name for p in pools])
         self.loop_lag = LoopLagMonitor(lambda lag: metric("pixtral_event_loop_lag_seconds").observe(lag, tags=self.tags))
         start_heap_trimmer()  # decoded images are the ingress's large transients
 
@@ -218,12 +257,14 @@ class OpenAIIngress:
     async def models(self, request: Request) -> dict:
         self._authorize(request)
         created = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "pixtral-serve"}
-                                           for name in self.cfg.model_names]}
+        # every accepted name; `root` says which served model an alias stands for
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "pixtral-serve",
+                                            "root": m.cfg.served_model_name}
+                                           for m in self.models for name in m.cfg.model_names]}
 
     @app.get("/health")
     async def health(self) -> Response:
-        """Readiness: 200 when the vision pool and the decoder each have a running, healthy replica.
+        """Readiness: 200 when every model's vision pool and decoder have a running, healthy replica.
 
         Read from Serve's controller (its own health checks of every replica) and cached for a
         second or two, so probes never take a queue slot from real traffic, however many arrive.
@@ -248,9 +289,10 @@ class OpenAIIngress:
     async def token_count(self, request: Request) -> dict:
         self._authorize(request)
         body = await self._parse(request)
-        max_len = (await self._info())["max_model_len"]
-        prompt, images = await self._prompt(body, max_len)
-        return {"object": "token_count", "model": self.cfg.served_model_name,
+        m = self._model(body, request)
+        max_len = (await m.info())["max_model_len"]
+        prompt, images = await self._prompt(m, body, max_len)
+        return {"object": "token_count", "model": m.cfg.served_model_name,
                 "prompt_tokens": len(prompt.tokens), "image_tokens": prompt.num_image_tokens,
                 "text_tokens": len(prompt.tokens) - prompt.num_image_tokens,
                 "images": [{"width": i.size[0], "height": i.size[1], "tokens": n}
@@ -263,21 +305,22 @@ class OpenAIIngress:
         self.loop_lag.ensure_started()
         self._authorize(request)
         body = await self._parse(request)
-        max_len = (await self._info())["max_model_len"]
-        prompt, images = await self._prompt(body, max_len)
-        params = self._sampling_params(body, len(prompt.tokens), max_len)
-        metric("pixtral_images_per_request").observe(len(images), tags=self.tags)
+        m = self._model(body, request)
+        max_len = (await m.info())["max_model_len"]
+        prompt, images = await self._prompt(m, body, max_len)
+        params = self._sampling_params(m, body, len(prompt.tokens), max_len)
+        metric("pixtral_images_per_request").observe(len(images), tags=m.tags)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        features = _VisionCalls(self.vision, [img.payload for img in images])
+        features = _VisionCalls(m.vision, [img.payload for img in images])
         hashes = [img.content_hash for img in images]
         timing = _Timing(started, len(params), prompt.num_image_tokens)
-        streams = [self._generate(f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
+        streams = [self._generate(m, f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
                    for i in range(len(params))]
         if body.stream:
             streams = list(await asyncio.gather(*(_started(s) for s in streams)))
-            return StreamingResponse(self._sse(body, completion_id, streams, prompt),
+            return StreamingResponse(self._sse(m, body, completion_id, streams, prompt),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await self._complete(body, completion_id, streams, prompt)
+        result = await self._complete(m, body, completion_id, streams, prompt)
         # serializing a large answer (n choices with logprobs) would hold the event loop
         return Response(await asyncio.to_thread(json.dumps, result, ensure_ascii=False),
                         media_type="application/json")
@@ -306,34 +349,34 @@ class OpenAIIngress:
             raw += chunk
             if len(raw) > self.cfg.max_body_bytes:
                 raise APIError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
-        body = await asyncio.to_thread(parse_request, raw)  # JSON and schema: CPU work
-        if body.model not in self.cfg.model_names:
-            raise APIError(404, f"model {body.model[:100]!r} does not exist; available: {self.cfg.model_names}",
-                           "invalid_request_error", "model", "model_not_found")
-        return body
+        return await asyncio.to_thread(parse_request, raw)  # JSON and schema: CPU work
 
-    async def _prompt(self, body: ChatCompletionRequest, max_len: int) -> tuple[EncodedPrompt, list[PreparedImage]]:
-        urls = [p.url for m in body.messages if isinstance(m.content, list) for p in m.content
+    def _model(self, body: ChatCompletionRequest, request: Request) -> ServedModel:
+        """The served model the request names (by served name or alias), else a 404."""
+        m = self.by_name.get(body.model)
+        if m is None:
+            raise APIError(404, f"model {body.model[:100]!r} does not exist; available: {list(self.by_name)}",
+                           "invalid_request_error", "model", "model_not_found")
+        request.state.model = m.cfg.served_model_name  # the HTTP metrics' label
+        return m
+
+    async def _prompt(self, m: ServedModel, body: ChatCompletionRequest,
+                      max_len: int) -> tuple[EncodedPrompt, list[PreparedImage]]:
+        urls = [p.url for msg in body.messages if isinstance(msg.content, list) for p in msg.content
                 if isinstance(p, ImagePart)]
-        if len(urls) > self.cfg.images.max_images:
-            raise too_many_images(len(urls), self.cfg.images)
+        if len(urls) > m.cfg.images.max_images:
+            raise too_many_images(len(urls), m.cfg.images)
         chars = text_chars(body)
-        if chars > 2 * self.tokenizer.max_chars_per_token * max_len:  # x2: room for normalisation
+        if chars > 2 * m.tokenizer.max_chars_per_token * max_len:  # x2: room for normalisation
             raise bad_request(f"the messages have {chars} characters of text, more than this model's context of "
                               f"{max_len} tokens can hold", param="messages", code="context_length_exceeded")
-        images = await load_images(urls, self.cfg.images, self.geometry)
-        prompt = await asyncio.to_thread(self.tokenizer.encode, body, images)
+        images = await load_images(urls, m.cfg.images, m.geometry)
+        prompt = await asyncio.to_thread(m.tokenizer.encode, body, images)
         return prompt, images
 
-    async def _info(self) -> dict:
-        """The decoder's limits (max_model_len), asked once: concurrent first requests share the call."""
-        if self._decoder_info is None:
-            async with self._info_lock:
-                if self._decoder_info is None:
-                    self._decoder_info = await _first(_unavailable_as_503(_once(self.decoder.info.remote())))
-        return self._decoder_info
-
-    def _sampling_params(self, body: ChatCompletionRequest, prompt_len: int, max_len: int) -> list[SamplingParams]:
+    @staticmethod
+    def _sampling_params(m: ServedModel, body: ChatCompletionRequest, prompt_len: int,
+                         max_len: int) -> list[SamplingParams]:
         if prompt_len >= max_len:
             raise bad_request(f"the prompt is {prompt_len} tokens (text and images); this model's maximum context "
                               f"length is {max_len} tokens", param="messages", code="context_length_exceeded")
@@ -346,16 +389,16 @@ class OpenAIIngress:
         n = body.n or 1
         # each generated token of each choice costs (1 + top_logprobs) logprob entries to build
         per_token = 1 + (body.top_logprobs or 0) if body.logprobs else 0
-        budget = self.cfg.max_request_output_tokens // n
+        budget = m.cfg.max_request_output_tokens // n
         if per_token:
-            budget = min(budget, self.cfg.max_request_logprob_entries // (n * per_token))
+            budget = min(budget, m.cfg.max_request_logprob_entries // (n * per_token))
         if asked is not None and asked > budget:
             raise bad_request(f"n={n} x max_tokens={asked}{f' x (1 + top_logprobs)={per_token}' if per_token else ''} "
                               f"is over this server's output budget per request (max_request_output_tokens "
-                              f"{self.cfg.max_request_output_tokens}, max_request_logprob_entries "
-                              f"{self.cfg.max_request_logprob_entries}): at most max_tokens={budget} here",
+                              f"{m.cfg.max_request_output_tokens}, max_request_logprob_entries "
+                              f"{m.cfg.max_request_logprob_entries}): at most max_tokens={budget} here",
                               param="max_tokens", code="output_budget_exceeded")
-        max_tokens = asked or max(min(self.cfg.default_max_tokens, room, budget), 1)
+        max_tokens = asked or max(min(m.cfg.default_max_tokens, room, budget), 1)
         out = []
         for i in range(n):
             seed = None if body.seed is None else body.seed + i
@@ -366,20 +409,20 @@ class OpenAIIngress:
                     stop=body.stop or [], presence_penalty=body.presence_penalty or 0.0,
                     frequency_penalty=body.frequency_penalty or 0.0, logprobs=bool(body.logprobs),
                     top_logprobs=body.top_logprobs or 0, logit_bias=body.token_bias, grammar=body.grammar,
-                    grammar_trigger=self.tokenizer.tool_calls_token if body.grammar_starts_at_tool_call else None,
-                    banned_token_ids=[self.tokenizer.tool_calls_token] if body.tool_mode == "none" else []))
+                    grammar_trigger=m.tokenizer.tool_calls_token if body.grammar_starts_at_tool_call else None,
+                    banned_token_ids=[m.tokenizer.tool_calls_token] if body.tool_mode == "none" else []))
             except ValueError as exc:
                 raise bad_request(str(exc)) from None
         return out
 
-    async def _generate(self, request_id: str, tokens: list[int], params: SamplingParams,
+    async def _generate(self, m: ServedModel, request_id: str, tokens: list[int], params: SamplingParams,
                         features: "_VisionCalls", hashes: list[str], timing: "_Timing") -> AsyncIterator[RequestOutput]:
         """Stream one choice. A replica that dies before the first token is retried on a fresh call
         (the vision pool and the decoder route around it); after that the client gets a 503."""
         request = GenerateRequest(request_id, tokens, params, hashes)
         last = None
         for attempt in range(RETRIES + 1):
-            stream = self.decoder.options(stream=True).generate.remote(request, *features.get(attempt))
+            stream = m.decoder.options(stream=True).generate.remote(request, *features.get(attempt))
             finished = False
             try:
                 async for out in _unavailable_as_503(stream):
@@ -388,13 +431,13 @@ class OpenAIIngress:
                     if out.token_ids:
                         if last is None and not timing.first_token_seen:
                             timing.first_token_seen = True
-                            metric("pixtral_time_to_first_token_seconds").observe(now - timing.start, tags=self.tags)
+                            metric("pixtral_time_to_first_token_seconds").observe(now - timing.start, tags=m.tags)
                         elif last is not None:
-                            metric("pixtral_inter_token_latency_seconds").observe(now - last, tags=self.tags)
+                            metric("pixtral_inter_token_latency_seconds").observe(now - last, tags=m.tags)
                         last = now
                     finished = out.finished
                     if finished:
-                        self._record_finished(out, timing)
+                        self._record_finished(m, out, timing)
                     yield out
                 return
             except APIError as exc:
@@ -408,28 +451,16 @@ class OpenAIIngress:
                 if not finished:
                     _cancel(stream)
 
-    def _record_finished(self, out: RequestOutput, timing: "_Timing") -> None:
-        count("pixtral_generation_tokens_total", out.completion_tokens, self.tags)
+    @staticmethod
+    def _record_finished(m: ServedModel, out: RequestOutput, timing: "_Timing") -> None:
+        count("pixtral_generation_tokens_total", out.completion_tokens, m.tags)
         timing.open_choices -= 1
         if timing.open_choices == 0:  # the last of the request's n choices
-            count("pixtral_prompt_tokens_total", out.prompt_tokens, self.tags)
-            count("pixtral_image_tokens_total", timing.image_tokens, self.tags)
-            metric("pixtral_request_latency_seconds").observe(time.perf_counter() - timing.start, tags=self.tags)
+            count("pixtral_prompt_tokens_total", out.prompt_tokens, m.tags)
+            count("pixtral_image_tokens_total", timing.image_tokens, m.tags)
+            metric("pixtral_request_latency_seconds").observe(time.perf_counter() - timing.start, tags=m.tags)
 
     # -- response formatting ------------------------------------------------------------------
-    def _logprobs(self, out: RequestOutput) -> list[dict]:
-        entries = []
-        for lp in out.logprobs:
-            entries.append({**self._token_entry(lp.token, lp.logprob),
-                            "top_logprobs": [self._token_entry(t, v) for t, v in lp.top]})
-        return entries
-
-    def _token_entry(self, token: int, logprob: float) -> dict:
-        text = self._token_texts.get(token)
-        if text is None:  # decoded once per token id: the vocabulary bounds this cache
-            text = self._token_texts[token] = self.tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
     def _usage(self, prompt: EncodedPrompt, finals: list[RequestOutput]) -> dict:
         completion = sum(o.completion_tokens for o in finals)
         return {"prompt_tokens": len(prompt.tokens), "completion_tokens": completion,
@@ -437,17 +468,17 @@ class OpenAIIngress:
                 "prompt_tokens_details": {"cached_tokens": max((o.cached_tokens for o in finals), default=0),
                                           "image_tokens": prompt.num_image_tokens}}
 
-    async def _complete(self, body: ChatCompletionRequest, completion_id: str, streams: list,
+    async def _complete(self, m: ServedModel, body: ChatCompletionRequest, completion_id: str, streams: list,
                         prompt: EncodedPrompt) -> dict:
         async def collect(stream) -> tuple[list[str], list[str] | None, list, RequestOutput]:
             content, calls, logprobs, last = [], None, [], None
             async for out in stream:
-                if calls is None and self._starts_tool_call(body, out):
+                if calls is None and m.starts_tool_call(body, out):
                     content.append(out.text)  # the text before the call ends with this output
                     calls = []
                 else:
                     (content if calls is None else calls).append(out.text)
-                logprobs += self._logprobs(out) if body.logprobs else []
+                logprobs += m.logprobs(out) if body.logprobs else []
                 last = out
             return content, calls, logprobs, last
 
@@ -460,10 +491,6 @@ class OpenAIIngress:
                             "finish_reason": reason})
         return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": self._usage(prompt, [r[3] for r in results])}
-
-    def _starts_tool_call(self, body: ChatCompletionRequest, out: RequestOutput) -> bool:
-        """This output carries [TOOL_CALLS]: the model starts its calls (with tools offered)."""
-        return body.tool_mode not in (None, "none") and self.tokenizer.tool_calls_token in out.token_ids
 
     @staticmethod
     def _message(content: str, calls_text: str | None, reason: str | None) -> tuple[dict, str | None]:
@@ -478,7 +505,7 @@ class OpenAIIngress:
             return message, reason
         return {**message, "tool_calls": calls}, "tool_calls" if reason == "stop" else reason
 
-    async def _sse(self, body: ChatCompletionRequest, completion_id: str, streams: list,
+    async def _sse(self, m: ServedModel, body: ChatCompletionRequest, completion_id: str, streams: list,
                    prompt: EncodedPrompt) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -527,14 +554,14 @@ class OpenAIIngress:
                 else:
                     if item.text:
                         delta["content"] = item.text
-                    if self._starts_tool_call(body, item):
+                    if m.starts_tool_call(body, item):
                         calls[index] = ToolCallStream()
                 reason = item.finish_reason
                 if item.finished and index in calls:
                     reason = "tool_calls" if reason == "stop" and calls[index].calls() is not None else reason
                 if delta or item.finished or item.logprobs:
                     yield chunk([{"index": index, "delta": delta,
-                                  "logprobs": {"content": self._logprobs(item)} if body.logprobs else None,
+                                  "logprobs": {"content": m.logprobs(item)} if body.logprobs else None,
                                   "finish_reason": reason}])
             if body.stream_options and body.stream_options.include_usage:
                 payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,

@@ -4,15 +4,20 @@
     python -m serving.k8s_manifests --check    # exit 1 if a committed manifest differs
 
 Each RayService embeds its deploy/ Serve config (serveConfigV2) verbatim, with a CPU head group
-(Serve proxy and ingress), a vision worker group on small GPUs that the Ray autoscaler scales, and a
-decoder worker group whose pods hold every GPU of one placement group. Weights come from a
-read-only PersistentVolumeClaim mounted at /models.
+(Serve proxy and ingress), a vision worker group on small GPUs that the Ray autoscaler scales, and
+per model a decoder worker group whose pods hold every GPU of one placement group. Weights come
+from a read-only PersistentVolumeClaim mounted at /models.
+
+With several models in one app (deploy/pixtral-multi.yaml), each decoder group advertises a Ray
+resource of its own that only its model's decoder asks for: the autoscaler then adds the pod shape
+that model needs (one GPU for a 12B replica, eight for a Large one), never the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,9 @@ class GPUGroup:
     memory: str
     min_replicas: int
     max_replicas: int
+    # a Ray resource every pod of the group advertises (1 unit): the deployment that asks for it
+    # lands here, and the autoscaler knows which group to grow for it
+    resource: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,16 +50,19 @@ class Target:
     serve_config: str  # file in deploy/
     pvc: str
     vision: GPUGroup
-    decoder: GPUGroup
+    decoders: tuple[GPUGroup, ...]  # one per model, in the order of the config's models
 
 
+VISION_L4 = GPUGroup("vision-l4", 1, "NVIDIA-L4", 8, "32Gi", 1, 8)
 TARGETS = [
-    Target("pixtral-12b", "pixtral-12b.yaml", "pixtral-12b-weights",
-           vision=GPUGroup("vision-l4", 1, "NVIDIA-L4", 8, "32Gi", 1, 8),
-           decoder=GPUGroup("decoder-h100", 1, "NVIDIA-H100-80GB-HBM3", 16, "128Gi", 2, 4)),
-    Target("pixtral-large", "pixtral-large.yaml", "pixtral-large-weights",
-           vision=GPUGroup("vision-l4", 1, "NVIDIA-L4", 8, "32Gi", 1, 8),
-           decoder=GPUGroup("decoder-h100x8", 8, "NVIDIA-H100-80GB-HBM3", 96, "1600Gi", 1, 2)),
+    Target("pixtral-12b", "pixtral-12b.yaml", "pixtral-12b-weights", vision=VISION_L4,
+           decoders=(GPUGroup("decoder-h100", 1, "NVIDIA-H100-80GB-HBM3", 16, "128Gi", 2, 4),)),
+    Target("pixtral-large", "pixtral-large.yaml", "pixtral-large-weights", vision=VISION_L4,
+           decoders=(GPUGroup("decoder-h100x8", 8, "NVIDIA-H100-80GB-HBM3", 96, "1600Gi", 1, 2),)),
+    Target("pixtral-multi", "pixtral-multi.yaml", "pixtral-weights", vision=VISION_L4, decoders=(
+        GPUGroup("decoder-12b-h100", 1, "NVIDIA-H100-80GB-HBM3", 16, "128Gi", 1, 4, resource="decoder-pixtral-12b"),
+        GPUGroup("decoder-large-h100x8", 8, "NVIDIA-H100-80GB-HBM3", 96, "1600Gi", 1, 2,
+                 resource="decoder-pixtral-large"))),
 ]
 
 
@@ -88,10 +99,13 @@ def _pod(target: Target, container: dict, gpu: GPUGroup | None) -> dict:
 
 
 def _worker_group(target: Target, gpu: GPUGroup) -> dict:
+    params = {"metrics-export-port": str(METRICS_PORT)}
+    if gpu.resource:  # KubeRay's format for `ray start --resources`: "{\"name\": 1}", quotes included
+        params["resources"] = '"' + json.dumps({gpu.resource: 1}).replace('"', '\\"') + '"'
     return {
         "groupName": gpu.name, "replicas": gpu.min_replicas, "minReplicas": gpu.min_replicas,
         "maxReplicas": gpu.max_replicas,
-        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+        "rayStartParams": params,
         "template": _pod(target, _container("ray-worker", gpu.cpus, gpu.memory, gpu.gpus_per_pod, head=False), gpu),
     }
 
@@ -114,7 +128,7 @@ def render(target: Target) -> dict:
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
                 "headGroupSpec": head,
-                "workerGroupSpecs": [_worker_group(target, target.vision), _worker_group(target, target.decoder)],
+                "workerGroupSpecs": [_worker_group(target, g) for g in (target.vision, *target.decoders)],
             },
         },
     }
@@ -135,7 +149,9 @@ def manifest_text(target: Target) -> str:
 
 # Grafana panels: (title, unit, PromQL). Every metric here is one serving/metrics.py exports.
 PANELS = [
+    ("Requests/s by model and status", "reqps", "sum by (model, status_code) (rate(ray_pixtral_http_requests_total[1m]))"),
     ("Requests/s by route and status", "reqps", "sum by (route, status_code) (rate(ray_pixtral_http_requests_total[1m]))"),
+    ("Generated tokens/s by model", "short", "sum by (model) (rate(ray_pixtral_generation_tokens_total[1m]))"),
     ("End-to-end latency p50 / p99", "s", "histogram_quantile(0.5, sum by (le) (rate(ray_pixtral_request_latency_seconds_bucket[5m])))"),
     ("", "s", "histogram_quantile(0.99, sum by (le) (rate(ray_pixtral_request_latency_seconds_bucket[5m])))"),
     ("Time to first token p50 / p99", "s", "histogram_quantile(0.5, sum by (le) (rate(ray_pixtral_time_to_first_token_seconds_bucket[5m])))"),
@@ -166,6 +182,15 @@ PANELS = [
 ]
 
 
+def _for_models(expr: str) -> str:
+    """Every series of the expression restricted to the models picked in the dashboard's `model` menu."""
+    def restrict(match: re.Match) -> str:
+        inner = match.group(2)
+        return f'{match.group(1)}{{model=~"$model"{", " + inner if inner else ""}}}'
+
+    return re.sub(r"(ray_pixtral_[a-z_]+)(?:\{([^}]*)\})?", restrict, expr)
+
+
 def dashboard() -> dict:
     panels, targets = [], []
     for title, unit, expr in PANELS:
@@ -176,10 +201,15 @@ def dashboard() -> dict:
                            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
                            "gridPos": {"h": 8, "w": 12, "x": 12 * (len(panels) % 2), "y": 8 * (len(panels) // 2)},
                            "targets": targets})
-        targets.append({"refId": chr(ord("A") + len(targets)), "expr": expr})
+        targets.append({"refId": chr(ord("A") + len(targets)), "expr": _for_models(expr)})
     return {"title": "pixtral-serve", "uid": "pixtral-serve", "schemaVersion": 39, "version": 1,
             "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "panels": panels,
-            "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]}}
+            "templating": {"list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                # one app may serve several models; every panel follows this menu
+                {"name": "model", "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                 "query": "label_values(ray_pixtral_http_requests_total, model)", "multi": True, "includeAll": True,
+                 "allValue": ".*", "current": {"text": "All", "value": "$__all"}, "refresh": 2}]}}
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Serve waits forever for a replica whose resources no node has, and says nothing a new user would
 find. So a local run (`pixtral-serve`) reads the cluster's nodes before it deploys:
 
-- `fit_to_cluster` shrinks CPU asks that add up to more than the cluster has. A CPU ask is a
+- `fit_to_cluster` shrinks CPU asks that add up to more than the cluster has (every model's pools
+  and decoders, when one app serves several). A CPU ask is a
   scheduling share, not a limit, so a smaller one costs nothing but Ray's bookkeeping. The decoder
   keeps its ask where it fits: it does the heavy work, and Ray gives an actor one thread per whole
   CPU it asks for. The ingress and vision pools share what is left, at their maximum replicas, so
@@ -52,27 +53,39 @@ def decoder_replicas(cfg: AppConfig, most: bool) -> int:
     return d.max_replicas if most else d.min_replicas
 
 
-def fit_to_cluster(cfg: AppConfig, nodes: list[dict[str, float]]) -> list[str]:
-    """Shrink `cfg`'s CPU asks (in place) to fit the nodes' CPUs; returns what changed, in words."""
+def fit_to_cluster(configs: list[AppConfig], nodes: list[dict[str, float]]) -> list[str]:
+    """Shrink the CPU asks of one app's models (in place) to fit the nodes' CPUs; returns what
+    changed, in words. The ingress is the app's (the same settings in every config)."""
     total = sum(n.get("CPU", 0.0) for n in nodes) - CPU_HEADROOM
-    d, v, i = cfg.decoder, cfg.vision, cfg.ingress
+    several = len(configs) > 1
     notes = []
-    decoders = decoder_replicas(cfg, most=True) * decoder_cpus(cfg)
-    # the decoder keeps its ask if that leaves something for the two pools, else half the cluster
-    if decoders > total * 0.8:
-        share = total * 0.5 / decoders
-        new = _floor(d.cpus_per_rank * share)
-        notes.append(f"decoder.cpus_per_rank {d.cpus_per_rank:g} -> {new:g}")
-        d.cpus_per_rank = new
-        decoders = decoder_replicas(cfg, most=True) * decoder_cpus(cfg)
-    rest = total - decoders
-    pools = i.max_replicas * i.num_cpus + _vision_max(cfg) * v.num_cpus
+
+    def where(cfg: AppConfig) -> str:
+        return f"{cfg.served_model_name}: " if several else ""
+
+    def decoders() -> float:
+        return sum(decoder_replicas(cfg, most=True) * decoder_cpus(cfg) for cfg in configs)
+
+    # decoders keep their asks if that leaves something for the pools, else share half the cluster
+    if decoders() > total * 0.8:
+        share = total * 0.5 / decoders()
+        for cfg in configs:
+            new = _floor(cfg.decoder.cpus_per_rank * share)
+            notes.append(f"{where(cfg)}decoder.cpus_per_rank {cfg.decoder.cpus_per_rank:g} -> {new:g}")
+            cfg.decoder.cpus_per_rank = new
+    rest = total - decoders()
+    ingress = configs[0].ingress
+    pools = ingress.max_replicas * ingress.num_cpus + sum(_vision_max(cfg) * cfg.vision.num_cpus for cfg in configs)
     if pools > rest:
         share = rest / pools
-        for name, section in (("ingress", i), ("vision", v)):
-            new = _floor(section.num_cpus * share)
-            notes.append(f"{name}.num_cpus {section.num_cpus:g} -> {new:g}")
-            section.num_cpus = new
+        new = _floor(ingress.num_cpus * share)
+        notes.append(f"ingress.num_cpus {ingress.num_cpus:g} -> {new:g}")
+        for cfg in configs:
+            cfg.ingress.num_cpus = new
+        for cfg in configs:
+            new = _floor(cfg.vision.num_cpus * share)
+            notes.append(f"{where(cfg)}vision.num_cpus {cfg.vision.num_cpus:g} -> {new:g}")
+            cfg.vision.num_cpus = new
     return notes
 
 
@@ -84,7 +97,7 @@ def _fits(ask: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) + 1e-9 >= v for k, v in ask.items() if v)
 
 
-def check_placeable(cfg: AppConfig, nodes: list[dict[str, float]]) -> None:
+def check_placeable(configs: list[AppConfig], nodes: list[dict[str, float]]) -> None:
     """Raise PlacementError if some deployment's replica (at its minimum count) cannot be placed."""
     from serving.app import decoder_bundles, ingress_options, vision_options
 
@@ -94,19 +107,25 @@ def check_placeable(cfg: AppConfig, nodes: list[dict[str, float]]) -> None:
 
     have = "; ".join(f"node {k}: {_describe(n) or 'nothing'}" for k, n in enumerate(nodes)) or "no nodes"
     problems = []
-    for name, ask in (("ingress", actor_ask(ingress_options(cfg))), ("vision pool", actor_ask(vision_options(cfg)))):
-        if not any(_fits(ask, n) for n in nodes):
-            problems.append(f"a {name} replica asks for {_describe(ask)}, which no node has")
-    bundles = decoder_bundles(cfg)
-    together = _sum(bundles)
-    if cfg.device == "cuda":  # STRICT_PACK: the whole placement group on one node
-        if not any(_fits(together, n) for n in nodes):
-            problems.append(f"a decoder replica (tensor parallel {cfg.decoder.tensor_parallel_size}) asks for "
-                            f"{_describe(together)} on one node, which no node has")
-    elif not all(any(_fits(b, n) for n in nodes) for b in bundles) or not _fits(together, _sum(nodes)):
-        problems.append(f"a decoder replica asks for {_describe(together)} in {len(bundles)} bundle(s), more "
-                        "than the cluster has")
-    minimum = _minimum_total(cfg, together)
+    ingress = actor_ask(ingress_options(configs[0]))
+    if not any(_fits(ingress, n) for n in nodes):
+        problems.append(f"an ingress replica asks for {_describe(ingress)}, which no node has")
+    minimum = dict(ingress, CPU=ingress["CPU"] * configs[0].ingress.min_replicas)
+    for cfg in configs:
+        model = f" of {cfg.served_model_name}" if len(configs) > 1 else ""
+        vision = actor_ask(vision_options(cfg))
+        if not any(_fits(vision, n) for n in nodes):
+            problems.append(f"a vision pool replica{model} asks for {_describe(vision)}, which no node has")
+        bundles = decoder_bundles(cfg)
+        together = _sum(bundles)
+        if cfg.device == "cuda":  # STRICT_PACK: the whole placement group on one node
+            if not any(_fits(together, n) for n in nodes):
+                problems.append(f"a decoder replica{model} (tensor parallel {cfg.decoder.tensor_parallel_size}) asks "
+                                f"for {_describe(together)} on one node, which no node has")
+        elif not all(any(_fits(b, n) for n in nodes) for b in bundles) or not _fits(together, _sum(nodes)):
+            problems.append(f"a decoder replica{model} asks for {_describe(together)} in {len(bundles)} bundle(s), "
+                            "more than the cluster has")
+        minimum = _sum([minimum, _minimum_pools(cfg, vision, together)])
     if not problems and not _fits(minimum, _sum(nodes)):
         problems.append(f"the deployments at their minimum replicas ask for {_describe(minimum)} together, more "
                         "than the cluster has")
@@ -125,10 +144,10 @@ def _sum(resources: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _minimum_total(cfg: AppConfig, decoder: dict[str, float]) -> dict[str, float]:
-    v, i = cfg.vision, cfg.ingress
+def _minimum_pools(cfg: AppConfig, vision: dict[str, float], decoder: dict[str, float]) -> dict[str, float]:
+    """One model's vision pool and decoder at their minimum replicas, given one replica's asks."""
+    v = cfg.vision
     vision_min = v.min_replicas if v.num_replicas == "auto" else int(v.num_replicas)
-    total = {k: val * decoder_replicas(cfg, most=False) for k, val in decoder.items()}
-    total["CPU"] = total.get("CPU", 0.0) + vision_min * v.num_cpus + i.min_replicas * i.num_cpus
-    total["GPU"] = total.get("GPU", 0.0) + vision_min * (v.num_gpus or 0.0)
-    return total
+    decoder_min = decoder_replicas(cfg, most=False)
+    return _sum([{k: val * vision_min for k, val in vision.items()},
+                 {k: val * decoder_min for k, val in decoder.items()}])

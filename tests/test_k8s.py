@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from serving.config import AppConfig
+from serving.config import model_configs
 from serving.k8s_manifests import ROOT, TARGETS, dashboard, manifest_text
 from serving.metrics import exported_names
 
@@ -51,11 +51,13 @@ def test_manifest_is_generated_from_deploy(target):
     app = yaml.safe_load(embedded)["applications"][0]
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    cfg = AppConfig.from_dict(app["args"])
+    configs = model_configs(app["args"])
     groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    decoder = groups[target.decoder.name]
-    gpus = int(decoder["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    assert gpus >= cfg.decoder.tensor_parallel_size  # one pod holds a whole placement group
+    assert len(configs) == len(target.decoders)
+    for cfg, group in zip(configs, target.decoders):
+        decoder = groups[group.name]
+        gpus = int(decoder["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        assert gpus >= cfg.decoder.tensor_parallel_size  # one pod holds a whole placement group
     assert manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     assert groups[target.vision.name]["maxReplicas"] > groups[target.vision.name]["minReplicas"]
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -64,13 +66,22 @@ def test_manifest_is_generated_from_deploy(target):
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
 def test_decoder_pods_follow_the_decoder_autoscaling_bounds(target):
-    """The Ray autoscaler may add a decoder pod for each decoder replica Serve scales up to."""
-    decoder = AppConfig.from_dict(yaml.safe_load((ROOT / "deploy" / target.serve_config).read_text())
-                                  ["applications"][0]["args"]).decoder
-    per_pod = target.decoder.gpus_per_pod // decoder.tensor_parallel_size
-    assert decoder.num_replicas == "auto"
-    assert target.decoder.min_replicas * per_pod == decoder.min_replicas
-    assert target.decoder.max_replicas * per_pod == decoder.max_replicas
+    """The Ray autoscaler may add a decoder pod for each decoder replica Serve scales up to, of the
+    shape that model needs: with several models, each decoder asks for its own group's resource."""
+    configs = model_configs(yaml.safe_load((ROOT / "deploy" / target.serve_config).read_text())
+                            ["applications"][0]["args"])
+    for cfg, group in zip(configs, target.decoders, strict=True):
+        decoder = cfg.decoder
+        per_pod = group.gpus_per_pod // decoder.tensor_parallel_size
+        assert decoder.num_replicas == "auto"
+        assert group.min_replicas * per_pod == decoder.min_replicas
+        assert group.max_replicas * per_pod == decoder.max_replicas
+        if len(configs) > 1:
+            assert group.resource in decoder.resources
+            assert not any(group.resource in other.decoder.resources for other in configs if other is not cfg)
+            # each of the replica's bundles asks a share; one pod (1 unit) holds one replica's bundles
+            bundles = decoder.tensor_parallel_size + (1 if decoder.tensor_parallel_size > 1 else 0)
+            assert bundles * decoder.resources[group.resource] <= 1
 
 
 def test_podmonitor_selects_our_pods_on_the_metrics_port():

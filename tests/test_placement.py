@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from serving.config import AppConfig
+from serving.config import AppConfig, model_configs
 from serving.placement import PlacementError, check_placeable, decoder_cpus, fit_to_cluster
 from tests.helpers import free_port
 
@@ -27,32 +27,32 @@ def _max_cpus(cfg: AppConfig) -> float:
 def test_the_defaults_do_not_fit_a_laptop_until_fitted():
     cfg = AppConfig(model="/m")
     with pytest.raises(PlacementError, match=r"CPU 3 together.*node 0: CPU 2"):
-        check_placeable(cfg, LAPTOP)  # ingress 1 + vision 1 + decoder 1
-    notes = fit_to_cluster(cfg, LAPTOP)
+        check_placeable([cfg], LAPTOP)  # ingress 1 + vision 1 + decoder 1
+    notes = fit_to_cluster([cfg], LAPTOP)
     assert notes and _max_cpus(cfg) <= 2.0
     assert cfg.decoder.cpus_per_rank == 1.0  # the decoder keeps its whole CPU (one thread)
-    check_placeable(cfg, LAPTOP)
+    check_placeable([cfg], LAPTOP)
 
 
 def test_fitting_leaves_a_cluster_that_has_room_alone():
     cfg = AppConfig(model="/m")
-    assert fit_to_cluster(cfg, [{"CPU": 16.0}]) == []
+    assert fit_to_cluster([cfg], [{"CPU": 16.0}]) == []
     assert (cfg.ingress.num_cpus, cfg.vision.num_cpus, cfg.decoder.cpus_per_rank) == (1.0, 1.0, 1.0)
 
 
 def test_a_decoder_bigger_than_the_cluster_is_shrunk_on_cpu():
     cfg = AppConfig.from_dict({"model": "/m", "decoder": {"tensor_parallel_size": 4, "cpus_per_rank": 2.0}})
-    fit_to_cluster(cfg, LAPTOP)
+    fit_to_cluster([cfg], LAPTOP)
     assert _max_cpus(cfg) <= 2.0
-    check_placeable(cfg, LAPTOP)
+    check_placeable([cfg], LAPTOP)
 
 
 def test_gpus_are_never_shrunk_and_the_error_names_both_sides():
     cfg = AppConfig.from_dict({"model": "/m", "device": "cuda", "decoder": {"tensor_parallel_size": 8}})
     nodes = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
-    fit_to_cluster(cfg, nodes)
+    fit_to_cluster([cfg], nodes)
     with pytest.raises(PlacementError) as err:
-        check_placeable(cfg, nodes)
+        check_placeable([cfg], nodes)
     message = str(err.value)
     assert "tensor parallel 8" in message and "GPU 7.2" in message and "node 1: CPU 32, GPU 4" in message
     assert "gpus_per_rank" in message  # the knob to turn
@@ -61,7 +61,28 @@ def test_gpus_are_never_shrunk_and_the_error_names_both_sides():
 def test_a_missing_accelerator_is_named():
     cfg = AppConfig.from_dict({"model": "/m", "device": "cuda", "vision": {"accelerator_type": "L4"}})
     with pytest.raises(PlacementError, match="vision pool replica asks for .*accelerator_type:L4"):
-        check_placeable(cfg, [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:H100": 1.0}])
+        check_placeable([cfg], [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:H100": 1.0}])
+
+
+def test_several_models_share_the_cluster_and_errors_name_the_model():
+    cfg_12b, cfg_large = model_configs({"model": "/m", "models": [
+        {"served_model_name": "small"},
+        {"served_model_name": "big", "decoder": {"tensor_parallel_size": 2}}]})
+    configs = [cfg_12b, cfg_large]
+    with pytest.raises(PlacementError, match="decoder replica of big asks for CPU 2.1"):
+        check_placeable(configs, LAPTOP)
+    notes = fit_to_cluster(configs, LAPTOP)
+    assert any(n.startswith("big: decoder.cpus_per_rank") for n in notes)
+    total = configs[0].ingress.max_replicas * configs[0].ingress.num_cpus + sum(
+        c.vision.max_replicas * c.vision.num_cpus + c.decoder.num_replicas * decoder_cpus(c) for c in configs)
+    assert total <= 2.0
+    assert cfg_12b.ingress.num_cpus == cfg_large.ingress.num_cpus  # one ingress for the app
+    check_placeable(configs, LAPTOP)
+    gpu = model_configs({"device": "cuda", "models": [
+        {"model": "/a", "served_model_name": "a"},
+        {"model": "/b", "served_model_name": "b", "decoder": {"tensor_parallel_size": 8}}]})
+    with pytest.raises(PlacementError, match=r"decoder replica of b \(tensor parallel 8\)"):
+        check_placeable(gpu, [{"CPU": 32.0, "GPU": 4.0}])
 
 
 def test_plain_command_becomes_healthy_on_a_two_cpu_cluster(mistral_12b, tmp_path):
