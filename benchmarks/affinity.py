@@ -1,6 +1,6 @@
 """Repeated images over 2 replicas of each pool: cache-affinity routing against Serve's default router.
 
-    python -m benchmarks.affinity [--requests 160] [--images 40] [--zipf 1.1] [--concurrency 4]
+    python -m benchmarks.affinity [--requests 160] [--images 40] [--zipf 1.1] [--concurrency 4] [--rounds 1]
 
 Starts local Ray with the app on a random-weight checkpoint of the 12B architecture (dim 512, 4
 layers by default), 2 vision and 2 decoder replicas whose caches hold --cache-images images each
@@ -10,8 +10,10 @@ back again and again), streamed, one image and a short question each.
 
 It runs the same request sequence twice, first with affinity routing, then with Serve's default
 router (power of two choices) after a redeploy with fresh caches, each after the same warm-up.
-Prints requests/s, TTFT p50/p99, the encoder-cache and prefix-cache hit rates, and the ratios.
-Absolute numbers depend on the machine; the ratios are the result.
+With --rounds N it does that N times, alternating, and pools each router's requests: a noisy
+machine's slow minutes then fall on both. Prints requests/s, TTFT p50/p99, the encoder-cache and
+prefix-cache hit rates, and the ratios. Absolute numbers depend on the machine; the ratios are the
+result.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import random
 import tempfile
 import time
+from collections import Counter
 
 from benchmarks.loadgen import LoadReport, Result, image_url, one
 
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--port", type=int, default=8126)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the two routers this many times, pooled")
     ns = parser.parse_args()
     import httpx
     import ray
@@ -100,13 +104,15 @@ def main() -> None:
     urls = [image_url((ns.size, ns.size), seed) for seed in range(ns.images)]
     warmup = zipf_sequence(ns.warmup, ns.images, ns.zipf, seed=1)
     sequence = zipf_sequence(ns.requests, ns.images, ns.zipf, seed=2)
-    results = {}
+    results = {name: (LoadReport(), Counter()) for name in ("affinity", "default")}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(make_tiny_checkpoint(tmp, shape="12b", overrides=overrides))
         ray.init(include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": ns.port})
         base = f"http://127.0.0.1:{ns.port}"
-        for name, affinity in (("affinity", True), ("default", False)):
+        for name, affinity in [("affinity", True), ("default", False)] * ns.rounds:
+            if "pixtral" in serve.status().applications:
+                serve.delete("pixtral")  # fresh replicas, so empty caches, for every run
             serve.run(build_app({
                 "model": ckpt, "served_model_name": "bench", "max_model_len": 4096,
                 "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
@@ -120,20 +126,24 @@ def main() -> None:
             before = pool_stats()
             report = asyncio.run(drive(base, urls, sequence, ns.concurrency, ns.max_tokens))
             after = pool_stats()
-            d = {k: after[k] - before[k] for k in after}
-            results[name] = (report, d["vision_hits"] / max(d["vision_hits"] + d["vision_misses"], 1),
-                             d["prefix_hits"] / max(d["prefix_queries"], 1))
+            pooled, counts = results[name]
+            pooled.results += report.results
+            pooled.elapsed += report.elapsed
+            counts.update({k: after[k] - before[k] for k in after})
+            print(f"{name}: {ns.requests / report.elapsed:.2f} req/s", flush=True)
         serve.shutdown()
         ray.shutdown()
-    print(f"{ns.requests} streamed requests (after {ns.warmup} warm-up), Zipf {ns.zipf} over {ns.images} images of "
+    print(f"{ns.rounds} x {ns.requests} streamed requests per router (each after {ns.warmup} warm-up), Zipf {ns.zipf} over {ns.images} images of "
           f"{ns.size}x{ns.size}, concurrency {ns.concurrency}, caches of {ns.cache_images} images per replica, "
           f"2 vision + 2 decoder replicas, dim {ns.dim} x {ns.layers} layers")
     print(f"{'router':10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'enc-cache hits':>15} {'prefix hits':>12} {'lost':>5}")
-    for name, (report, vision_rate, prefix_rate) in results.items():
-        print(f"{name:10} {ns.requests / report.elapsed:7.2f} {report.percentile('ttft', 0.5) * 1e3:7.0f}ms "
+    for name, (report, d) in results.items():
+        vision_rate = d["vision_hits"] / max(d["vision_hits"] + d["vision_misses"], 1)
+        prefix_rate = d["prefix_hits"] / max(d["prefix_queries"], 1)
+        print(f"{name:10} {len(report.results) / report.elapsed:7.2f} {report.percentile('ttft', 0.5) * 1e3:7.0f}ms "
               f"{report.percentile('ttft', 0.99) * 1e3:7.0f}ms {vision_rate:14.0%} {prefix_rate:11.0%} "
-              f"{ns.requests - report.completed:5d}")
-    (a, _, _), (b, _, _) = results["affinity"], results["default"]
+              f"{len(report.results) - report.completed:5d}")
+    (a, _), (b, _) = results["affinity"], results["default"]
     print(f"affinity / default: throughput {b.elapsed / a.elapsed:.2f}x, "
           f"TTFT p50 {a.percentile('ttft', 0.5) / b.percentile('ttft', 0.5):.2f}x, "
           f"p99 {a.percentile('ttft', 0.99) / b.percentile('ttft', 0.99):.2f}x (lower TTFT is better)")
