@@ -2,6 +2,13 @@
 
 Data parallel only: every GPU of the vision pool holds a full replica, so the layers are plain
 (unsharded) linear layers.
+
+Images of a batch never attend to each other. Rather than one attention over all patches with an
+N x N block-diagonal mask (1 GB of mask alone for 8 images of 1024x1024, and a mask keeps CUDA on
+its slowest SDPA backend), the patches are ordered so that images with the same patch count sit
+side by side, and each such run is one batched SDPA call, (images, heads, patches, head_dim),
+without a mask. Fused kernels take that shape on CUDA (head_dim 88 included) and on CPU, and
+memory grows linearly with the number of images.
 """
 
 from __future__ import annotations
@@ -27,15 +34,23 @@ class VisionAttention(nn.Module):
         self.wv = Linear(args.hidden_size, args.hidden_size, bias=False)
         self.wo = Linear(args.hidden_size, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, same_image: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """x: (N, hidden), the patches of runs of same-sized images; runs: (images, patches each)."""
         n = x.shape[0]
         q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), angles)  # (N, h, d)
         k = apply_rope(self.wk(x).view(n, self.n_heads, self.head_dim), angles)
         v = self.wv(x).view(n, self.n_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (h, N, d)
-            attn_mask=same_image, scale=self.head_dim ** -0.5)
-        return self.wo(out.transpose(0, 1).reshape(n, -1))
+        outs, start = [], 0
+        for count, patches in runs:
+            end = start + count * patches
+
+            def per_image(t: torch.Tensor) -> torch.Tensor:  # (count, h, patches, d), a view
+                return t[start:end].view(count, patches, self.n_heads, self.head_dim).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=self.head_dim ** -0.5)
+            outs.append(out.transpose(1, 2).reshape(end - start, -1))
+            start = end
+        return self.wo(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class VisionFeedForward(nn.Module):
@@ -58,8 +73,8 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, NORM_EPS)
         self.ffn_norm = RMSNorm(args.hidden_size, NORM_EPS)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, same_image: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), angles, same_image)
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), angles, runs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -87,19 +102,26 @@ class VisionEncoder(nn.Module):
         # pass images through the initial convolution independently (sizes differ)
         patches = [self.patch_conv(img.unsqueeze(0).to(self.patch_conv.weight.dtype))[0] for img in images]
         grids = [(p.shape[1], p.shape[2]) for p in patches]
-        # flatten each (hidden, h, w) grid row-major and concatenate all images into one sequence
-        x = self.ln_pre(torch.cat([p.flatten(1).T for p in patches], dim=0))  # (N, hidden)
-        angles = rope_angles_2d(grids, self.args.head_dim, self.args.rope_theta, x.device)
-        same_image = block_diagonal_mask(grids, x.device)
+        # same-sized images side by side (a stable sort), each (hidden, h, w) grid flattened row-major
+        order = sorted(range(len(grids)), key=lambda i: grids[i][0] * grids[i][1])
+        x = self.ln_pre(torch.cat([patches[i].flatten(1).T for i in order], dim=0))  # (N, hidden)
+        angles = rope_angles_2d([grids[i] for i in order], self.args.head_dim, self.args.rope_theta, x.device)
+        runs = same_size_runs([grids[i][0] * grids[i][1] for i in order])
         for layer in self.transformer.layers:
-            x = layer(x, angles, same_image)
+            x = layer(x, angles, runs)
+        if order != sorted(order):  # back to the caller's order
+            parts = x.split([grids[i][0] * grids[i][1] for i in order])
+            by_image = dict(zip(order, parts))
+            x = torch.cat([by_image[i] for i in range(len(grids))])
         return x, grids
 
 
-def block_diagonal_mask(grids: list[tuple[int, int]], device: torch.device) -> torch.Tensor | None:
-    """(N, N) boolean mask: a patch attends only to the patches of its own image."""
-    if len(grids) == 1:
-        return None
-    image_of_patch = torch.repeat_interleave(
-        torch.arange(len(grids), device=device), torch.tensor([h * w for h, w in grids], device=device))
-    return image_of_patch[:, None] == image_of_patch[None, :]
+def same_size_runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive equal lengths -> (how many, length) runs: [4, 4, 9] -> [(2, 4), (1, 9)]."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1] = (runs[-1][0] + 1, n)
+        else:
+            runs.append((1, n))
+    return runs

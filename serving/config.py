@@ -44,6 +44,10 @@ class VisionPoolConfig:
     upscale_delay_s: float = 2.0  # sustained load this long adds replicas
     downscale_delay_s: float = 60.0  # sustained idleness this long removes them
     max_batch_size: int = 16
+    # one encoder forward takes at most this many patches (8 images of 1024x1024 at patch 16); a
+    # larger batch is encoded in several forwards, so activation memory is bounded by patches, not
+    # by image count. An image larger than the cap is encoded alone.
+    max_batch_patches: int = 32768
     batch_wait_timeout_s: float = 0.005
     num_cpus: float = 1.0
     num_gpus: float | None = None  # default: VISION_GPU_SHARE on CUDA, 0 on CPU (the encoder is small)

@@ -68,6 +68,20 @@ class EncoderCache:
             self.bytes -= old.features.numel() * old.features.element_size()
 
 
+def patch_budget_slices(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Split a batch, in order, into (lo, hi) slices of at most `budget` patches; an image over the
+    budget gets a slice of its own."""
+    slices, lo, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > lo and total + n > budget:
+            slices.append((lo, i))
+            lo, total = i, 0
+        total += n
+    if sizes:
+        slices.append((lo, len(sizes)))
+    return slices
+
+
 @serve.deployment(name="VisionEncoder")
 class VisionEncoderServer:
     def __init__(self, config: dict) -> None:
@@ -80,6 +94,7 @@ class VisionEncoderServer:
         self.cache = EncoderCache(cfg.vision.cache_bytes)
         self._encode_batch.set_max_batch_size(cfg.vision.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)
+        self.max_batch_patches = cfg.vision.max_batch_patches
         self.recent_batch_sizes: deque[int] = deque(maxlen=256)  # bounded: a replica runs for weeks
         self.error: BaseException | None = None
         start_heap_trimmer()
@@ -122,11 +137,15 @@ class VisionEncoderServer:
 
     @torch.inference_mode()
     def _encode_together(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:
-        images = [payload_pixels(p, self.device) for p in payloads]
-        # one sequence for the whole batch; the block-diagonal mask keeps images apart
-        features, grids = self.encoder(images)
-        parts = features.split([h * w for h, w in grids])
-        return [ImageFeatures(part.cpu(), grid) for part, grid in zip(parts, grids)]
+        results = []
+        patch = self.encoder.args.patch_size
+        sizes = [(p.target_size[0] // patch) * (p.target_size[1] // patch) for p in payloads]
+        for lo, hi in patch_budget_slices(sizes, self.max_batch_patches):
+            # one forward per slice; images in it never attend to each other
+            features, grids = self.encoder([payload_pixels(p, self.device) for p in payloads[lo:hi]])
+            parts = features.split([h * w for h, w in grids])
+            results += [ImageFeatures(part.cpu(), grid) for part, grid in zip(parts, grids)]
+        return results
 
     def stats(self) -> dict:
         import ray

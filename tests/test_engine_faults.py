@@ -190,6 +190,7 @@ def test_vision_batch_isolates_an_image_that_cannot_be_encoded(mistral_12b):
 
     server = object.__new__(VisionEncoderServer.func_or_class)  # the replica's logic, without Serve
     server.encoder, server.device, server.error = load_vision_encoder(mistral_12b), torch.device("cpu"), None
+    server.max_batch_patches = 1 << 15
     rng = np.random.default_rng(0)
     good = [ImagePayload(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (w, h), f"g{i}")
             for i, (w, h) in enumerate([(48, 32), (32, 64)])]
