@@ -156,10 +156,15 @@ def test_the_context_limit_cuts_json_cleanly_too(mistral_12b):
     engine = build_local_engine(mistral_12b, num_blocks=64, max_model_len=96)
     tokenizer = mistral_tokenizer(mistral_12b).instruct_tokenizer.tokenizer
     prompt = tokenizer.encode("[INST] JSON please [/INST]", bos=True, eos=False)
-    out = _run(engine, prompt, {"c": SamplingParams(max_tokens=1000, temperature=1.0, seed=3,
-                                                    grammar=json_grammar(None))})["c"]
-    assert out[2] == "length" and len(prompt) + len(out[0]) <= 96
-    assert isinstance(json.loads(out[1]), dict)
+    # random weights close the object at once about half the time ({}): several seeds, so that
+    # some run into the limit
+    params = {f"s{seed}": SamplingParams(max_tokens=1000, temperature=1.0, seed=seed, grammar=json_grammar(None))
+              for seed in range(4)}
+    reasons = set()
+    for tokens, text, reason in _run(engine, prompt, params).values():
+        assert len(prompt) + len(tokens) <= 96 and isinstance(json.loads(text), dict), text
+        reasons.add(reason)
+    assert "length" in reasons
 
 
 def test_batch_mates_without_a_grammar_are_untouched(engine_and_prompt):

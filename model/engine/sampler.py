@@ -1,7 +1,13 @@
 """Turn a batch of fp32 logits into next tokens, each row with its own sampling parameters.
 
-Each sequence owns a torch.Generator (seeded from its `seed`, else from fresh entropy), so a seeded
-request draws the same tokens whatever else shares its batch.
+One vectorised path for the whole batch: logit_bias, grammar masks and penalties are scattered in
+from flat host lists (one copy each); temperature, top-k and top-p are applied to all sampled rows
+at once, on the top max(k) candidates when every sampled row has a top_k (no full-vocabulary sort);
+the draw is by inverse CDF, one uniform number per row. Nothing inside waits on the device: the
+tokens, the failed rows and the logprobs come back to the host together at the end.
+
+Each seeded sequence owns a torch.Generator that draws its row's number, so a seeded request
+draws the same tokens whatever else shares its batch. Unseeded rows share one draw.
 """
 
 from __future__ import annotations
@@ -27,94 +33,125 @@ class SamplerState:
     """What sampling remembers about one sequence between steps."""
 
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator | None  # seeded requests only
     counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias and banned tokens (-inf), as (ids, values)
+    bias: dict[int, float] = field(default_factory=dict)  # logit_bias, and banned tokens at -inf
 
     @staticmethod
     def create(params: SamplingParams, device: torch.device) -> "SamplerState":
-        gen = torch.Generator(device=device)
-        if params.seed is None:
-            gen.seed()
-        else:
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
-        bias = None
-        added = {**params.logit_bias, **{t: float("-inf") for t in params.banned_token_ids}}
-        if added:
-            bias = (torch.tensor(list(added), device=device),
-                    torch.tensor(list(added.values()), device=device, dtype=torch.float32))
+        bias = {**params.logit_bias, **{t: float("-inf") for t in params.banned_token_ids}}
         return SamplerState(params, gen, bias=bias)
 
 
 def sample(logits: torch.Tensor, states: list[SamplerState], allowed: list[torch.Tensor | None] | None = None
            ) -> tuple[list[int], list[TokenLogprobs | None], dict[int, str]]:
-    """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for).
+    """logits: (B, V) fp32 -> one token per row (and its logprobs when asked for). The bias and the
+    grammar masks are applied to `logits` in place.
 
     `allowed`: per row, the packed mask of tokens its grammar allows (None: unconstrained).
     logit_bias is added first and the grammar mask applied after it, so a bias cannot bring back
-    a token the grammar forbids. Rows with neither are not touched. Logprobs are those of the
-    distribution sampled from.
+    a token the grammar forbids. Logprobs are taken there, before penalties and temperature (the
+    model's distribution, as vLLM reports it). Penalties apply to greedy rows too.
 
-    A row that cannot be sampled (say its logits are not finite) fails alone: it is returned in
-    the third value, row -> reason, with token -1, and the other rows are sampled as usual.
+    A row that cannot be sampled (its logits are NaN or +inf, or every token is banned) fails
+    alone: it is returned in the third value, row -> reason, with token -1, and the other rows
+    are sampled as usual.
     """
     assert logits.shape[0] == len(states), (logits.shape, len(states))
-    for i, state in enumerate(states):
-        if state.bias is not None:
-            ids, values = state.bias
-            logits[i, ids] += values
+    vocab = logits.shape[1]
+    _scatter_add(logits, [(i, s.bias) for i, s in enumerate(states) if s.bias], inplace=True)
     constrained = [i for i, mask in enumerate(allowed or []) if mask is not None]
     if constrained:
         apply_allowed(logits, constrained, [allowed[i] for i in constrained])
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in states) else None
-    # Plain greedy rows (the common case) take one batched argmax instead of one call per row.
-    plain = [s.params.greedy and not (s.params.has_penalties and s.counts) for s in states]
-    argmax = logits.argmax(dim=-1).tolist() if any(plain) else []
-    tokens, failed = [], {}
-    for i, (row, state) in enumerate(zip(logits, states)):
-        try:
-            tokens.append(argmax[i] if plain[i] else _sample_row(_apply_penalties(row, state), state))
-        except (RuntimeError, ValueError) as exc:  # this row's numbers, not the engine's state
-            failed[i] = f"sampling failed: {str(exc).splitlines()[0]}"
-            tokens.append(-1)
+    want_logprobs = [i for i, s in enumerate(states) if s.params.logprobs]
+    raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+    logits = _scatter_add(logits, [(i, _penalties(s)) for i, s in enumerate(states) if s.params.has_penalties and s.counts])
+
+    # one pass gives the greedy tokens and the failed rows: a row's max is NaN if any logit is,
+    # +inf if any is, -inf if all are
+    top, tokens = logits.max(dim=-1)
+    bad = ~torch.isfinite(top)
+    drawn = [i for i, s in enumerate(states) if not s.params.greedy]
+    if drawn:
+        rows = logits[drawn].masked_fill(bad[drawn, None], 0.0)  # a failed row flows through, unused
+        tokens[drawn] = _draw(rows, [states[i] for i in drawn], vocab)
+
+    n_top = max((states[i].params.top_logprobs for i in want_logprobs), default=0)
+    chosen_lp = top_lp = top_ids = None
+    if want_logprobs:
+        chosen_lp = raw_logprobs.gather(1, tokens[want_logprobs, None])[:, 0]
+        if n_top:
+            top_lp, top_ids = raw_logprobs.topk(n_top, dim=-1)
+    # the only waits on the device, all at the end
+    host_tokens, host_bad = tokens.tolist(), bad.tolist()
+    host_lp = chosen_lp.tolist() if chosen_lp is not None else []
+    host_top = (top_ids.tolist(), top_lp.tolist()) if top_lp is not None else None
+
+    failed = {i: "sampling failed: the logits are not finite, or no token is allowed"
+              for i, is_bad in enumerate(host_bad) if is_bad}
+    infos: list[TokenLogprobs | None] = [None] * len(states)
+    for j, i in enumerate(want_logprobs):
+        if i in failed:
             continue
-        state.counts[tokens[-1]] += 1
-    infos = [None if not s.params.logprobs or i in failed else _logprobs(raw_logprobs[i], tokens[i], s.params.top_logprobs)
-             for i, s in enumerate(states)]
-    return tokens, infos, failed
+        k = states[i].params.top_logprobs
+        top = list(zip(host_top[0][j][:k], host_top[1][j][:k])) if k else []
+        infos[i] = TokenLogprobs(host_tokens[i], host_lp[j], top)
+    for i, state in enumerate(states):
+        if i in failed:
+            host_tokens[i] = -1
+        else:
+            state.counts[host_tokens[i]] += 1
+    return host_tokens, infos, failed
 
 
-def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
+def _penalties(state: SamplerState) -> dict[int, float]:
     p = state.params
-    if not p.has_penalties or not state.counts:
-        return row
-    ids = torch.tensor(list(state.counts), device=row.device)
-    counts = torch.tensor(list(state.counts.values()), device=row.device, dtype=row.dtype)
-    row = row.clone()
-    row[ids] -= p.frequency_penalty * counts + p.presence_penalty  # OpenAI's formula
-    return row
+    return {t: -(p.frequency_penalty * n + p.presence_penalty) for t, n in state.counts.items()}  # OpenAI's formula
 
 
-def _sample_row(row: torch.Tensor, state: SamplerState) -> int:
-    p = state.params
-    if p.greedy:
-        return int(row.argmax())
-    row = (row - row.max()) / p.temperature  # <= 0: a small temperature cannot overflow to inf
-    if 0 < p.top_k < row.shape[0]:
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=state.generator))
+def _scatter_add(logits: torch.Tensor, rows: list[tuple[int, dict[int, float]]], inplace: bool = False) -> torch.Tensor:
+    """Add {token: value} to the given rows, all rows in one indexed add (one copy of each list)."""
+    if not rows:
+        return logits
+    index = torch.tensor([(i, t) for i, d in rows for t in d], dtype=torch.long).to(logits.device)
+    values = torch.tensor([v for _, d in rows for v in d.values()], dtype=logits.dtype).to(logits.device)
+    add = logits.index_put_ if inplace else logits.index_put
+    return add((index[:, 0], index[:, 1]), values, accumulate=True)
 
 
-def _logprobs(row: torch.Tensor, token: int, n_top: int) -> TokenLogprobs:
-    top = []
-    if n_top:
-        values, ids = torch.topk(row, n_top)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprobs(token, float(row[token]), top)
+def _draw(logits: torch.Tensor, states: list[SamplerState], vocab: int) -> torch.Tensor:
+    """Sampled rows (n, V), finite -> (n,) tokens: temperature, top-k, top-p, then one draw per row."""
+    device = logits.device
+    temperature = torch.tensor([s.params.temperature for s in states], dtype=logits.dtype).to(device)
+    # (x - max) <= 0: a small temperature cannot overflow to +inf
+    x = (logits - logits.max(dim=-1, keepdim=True).values) / temperature[:, None]
+    ks = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in states]
+    top_p = [s.params.top_p for s in states]
+    candidates = None  # token id of each column of x, when x holds sorted candidates
+    if max(ks) < vocab or min(top_p) < 1.0:
+        # candidates in descending order: the top max(k) when every row has a top_k, else all
+        x, candidates = x.topk(max(ks), dim=-1) if max(ks) < vocab else x.sort(dim=-1, descending=True)
+        if min(ks) < x.shape[1]:
+            rank = torch.arange(x.shape[1], device=device)
+            x = x.masked_fill(rank[None, :] >= torch.tensor(ks).to(device)[:, None], float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if min(top_p) < 1.0:
+        # drop a candidate when the ones ranked above it already reach top_p (the first always stays)
+        limit = torch.tensor(top_p, dtype=probs.dtype).to(device)[:, None]
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= limit, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.empty(len(states), 1, device=device, dtype=cdf.dtype)
+    unseeded = [j for j, s in enumerate(states) if s.generator is None]
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), 1, device=device, dtype=cdf.dtype)
+    for j, s in enumerate(states):
+        if s.generator is not None:
+            u[j].uniform_(generator=s.generator)  # its own stream, whatever shares the batch
+    # the first column whose cumulative probability passes u x total: a zero-probability column
+    # never does, as the cdf does not rise there
+    column = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[1] - 1)
+    return (column if candidates is None else candidates.gather(1, column))[:, 0]
