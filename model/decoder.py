@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelArgs
-from model.layers.attention import AttentionBatch, KVCache, causal_attention
+from model.layers.attention import AttentionMetadata, KVCache, causal_attention
 from model.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rope
@@ -31,7 +31,7 @@ class Attention(nn.Module):
                                                ["wq", "wk", "wv"], tp=tp, fp8=fp8)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp=tp, fp8=fp8)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionBatch,
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionMetadata,
                 cache: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.wqkv(x)
@@ -64,7 +64,7 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionBatch,
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionMetadata,
                 cache: KVCache | None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), angles, batch, cache)
         return x + self.feed_forward(self.ffn_norm(x))

@@ -14,7 +14,7 @@ from torch import nn
 from model.adapter import PatchMerger, VisionLanguageAdapter
 from model.config import ModelArgs
 from model.decoder import DecoderLayer
-from model.layers.attention import AttentionBatch, KVCache
+from model.layers.attention import AttentionMetadata, KVCache
 from model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from model.layers.norm import RMSNorm
 from model.layers.rotary import rope_angles_1d
@@ -56,22 +56,27 @@ class PixtralModel(nn.Module):
         return self.vision_language_adapter(x)
 
     # -- decoder ------------------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features written at the [IMG] positions, in prompt order."""
+    def embed(self, tokens: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written at the [IMG] positions, in prompt order.
+
+        `image_rows`: those positions, when the caller counted them on the host (the engine does);
+        else they are found here, which waits on the device once.
+        """
         x = self.tok_embeddings(tokens)
         n_img = 0 if image_embeds is None else image_embeds.shape[0]
         if self.args.vision_encoder is None:
             assert n_img == 0, "text-only model got image features"
             return x
-        is_img = tokens == self.args.vision_encoder.image_token_id
-        n_slots = int(is_img.sum())
-        assert n_slots == n_img, f"{n_slots} [IMG] tokens but {n_img} image features"
+        if image_rows is None:
+            is_img = tokens == self.args.vision_encoder.image_token_id
+            image_rows = is_img.nonzero()[:, 0]
+        assert image_rows.shape[0] == n_img, f"{image_rows.shape[0]} [IMG] tokens but {n_img} image features"
         if n_img:
-            x = x.clone()
-            x[is_img] = image_embeds.to(x.dtype)
+            x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
         return x
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
         """x: (T, dim) input embeddings of a ragged batch -> (T, dim) final hidden states."""
         angles = rope_angles_1d(positions, self.args.head_dim, self.args.rope_theta)
@@ -91,4 +96,4 @@ class PixtralModel(nn.Module):
             embeds = self.project_images(feats, grids)
         x = self.embed(tokens, embeds)
         positions = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.compute_logits(self(x, positions, AttentionBatch.no_cache([tokens.shape[0]])))
+        return self.compute_logits(self(x, positions, AttentionMetadata.no_cache([tokens.shape[0]])))

@@ -12,7 +12,7 @@ import torch
 
 from model.engine.sampler import SamplerState, TokenLogprobs, sample
 from model.engine.sampling_params import SamplingParams
-from model.layers.attention import AttentionBatch, KVCache
+from model.layers.attention import AttentionMetadata, KVCache
 from model.pixtral import PixtralModel
 
 
@@ -93,23 +93,39 @@ class ModelRunner:
         return self.model.project_images(feats, [img.grid for img in images])
 
     def _run(self, chunks: list[SeqChunk]) -> StepOutput:
-        tokens = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)
-        positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.token_ids))], device=self.device)
-        x = self.model.embed(tokens, self._chunk_image_embeds(chunks, tokens))
-        batch = self._attention_batch(chunks)
-        hidden = self.model(x, positions, batch, self.kv_caches)
-        last = torch.tensor(batch.query_lens, device=self.device).cumsum(0) - 1
         sampled = [i for i, c in enumerate(chunks) if c.sample]
+        query_lens = [len(c.token_ids) for c in chunks]
+        image_rows = self._image_rows(chunks)
+        # everything this step needs on the device, in one copy: token ids, positions, the rows
+        # whose logits are sampled, where image embeddings go, and the attention metadata
+        meta = AttentionMetadata.build(
+            query_lens, [c.start + len(c.token_ids) for c in chunks], [c.block_table for c in chunks],
+            self.block_size, self.device,
+            extra={"tokens": [t for c in chunks for t in c.token_ids],
+                   "positions": [c.start + i for c in chunks for i in range(len(c.token_ids))],
+                   "sampled_rows": [sum(query_lens[:i + 1]) - 1 for i in sampled],
+                   "image_rows": image_rows})
+        embeds = self._chunk_image_embeds(chunks)
+        x = self.model.embed(meta.extra["tokens"], embeds, meta.extra["image_rows"] if embeds is not None else None)
+        hidden = self.model(x, meta.extra["positions"], meta, self.kv_caches)
         if not sampled:
             return StepOutput([], [])
-        logits = self.model.compute_logits(hidden[last[sampled]])  # a collective: every rank takes part
+        logits = self.model.compute_logits(hidden[meta.extra["sampled_rows"]])  # a collective: every rank takes part
         if not self.is_driver:
             return StepOutput([], [])
         states = [self.samplers[chunks[i].seq_id] for i in sampled]
         ids, logprobs, failed_rows = sample(logits, states, [chunks[i].allowed for i in sampled])
         return StepOutput(ids, logprobs, {chunks[sampled[row]].seq_id: why for row, why in failed_rows.items()})
 
-    def _chunk_image_embeds(self, chunks: list[SeqChunk], tokens: torch.Tensor) -> torch.Tensor | None:
+    def _image_rows(self, chunks: list[SeqChunk]) -> list[int]:
+        """Rows of the flat batch that hold [IMG] tokens, in order (counted on the host)."""
+        vision = self.model.args.vision_encoder
+        if vision is None:
+            return []
+        flat = (t for c in chunks for t in c.token_ids)
+        return [row for row, t in enumerate(flat) if t == vision.image_token_id]
+
+    def _chunk_image_embeds(self, chunks: list[SeqChunk]) -> torch.Tensor | None:
         """The image embeddings for the [IMG] tokens of this step, in token order (chunks may cut an image)."""
         vision = self.model.args.vision_encoder
         if vision is None:
@@ -120,17 +136,3 @@ class ModelRunner:
             if n:
                 parts.append(self.image_embeds[c.seq_id][c.image_offset:c.image_offset + n])
         return torch.cat(parts) if parts else None
-
-    def _attention_batch(self, chunks: list[SeqChunk]) -> AttentionBatch:
-        bs = self.block_size
-        slots = [c.block_table[p // bs] * bs + p % bs
-                 for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
-        width = max(len(c.block_table) for c in chunks)
-        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
-        return AttentionBatch(
-            query_lens=[len(c.token_ids) for c in chunks],
-            context_lens=[c.start + len(c.token_ids) for c in chunks],
-            slot_mapping=torch.tensor(slots, device=self.device),
-            block_tables=torch.tensor(tables, device=self.device),
-            block_size=bs,
-        )

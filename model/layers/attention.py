@@ -1,30 +1,25 @@
 """Attention over ragged batches of sequences, with or without a paged KV cache.
 
-A batch is a flat list of tokens from several sequences (`AttentionBatch.query_lens`). Without a
-cache each sequence attends causally to its own tokens. With a cache, new keys/values are first
-written to their slots, and each sequence then attends to its whole context read through its
-block table: the same code serves prefill, chunked prefill and decode.
+A batch is a flat list of tokens from several sequences. Without a cache each sequence attends
+causally to its own tokens. With a cache, new keys/values are first written to their slots, and
+each sequence then attends to its whole context read through its block table: the same code
+serves prefill, chunked prefill and decode, mixed in one batch.
+
+The boundary between the model and an attention kernel is `AttentionMetadata`: what a paged
+kernel takes (query start offsets, context lengths, block tables, slot mapping), built once per
+step on the host and copied to the device in one transfer, then read by every layer. The backend
+is chosen by device (`attention_backend`). Today every device runs `torch_paged_attention`, which
+gathers each context through the same metadata and calls SDPA; a CUDA kernel that reads the cache
+in place is the next backend (see the README's GPU section).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-
-@dataclass
-class AttentionBatch:
-    query_lens: list[int]  # new tokens per sequence, in batch order
-    context_lens: list[int]  # tokens per sequence after this step (cached + new)
-    slot_mapping: torch.Tensor | None = None  # (T,) cache slot of every new token
-    block_tables: torch.Tensor | None = None  # (B, max_blocks) block ids, padded with 0
-    block_size: int = 0
-
-    @staticmethod
-    def no_cache(query_lens: list[int]) -> "AttentionBatch":
-        return AttentionBatch(query_lens=list(query_lens), context_lens=list(query_lens))
 
 
 @dataclass
@@ -35,39 +30,127 @@ class KVCache:
     v: torch.Tensor
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
+@dataclass
+class DecodeLayout:
+    """The single-token sequences of a step, attended in one padded SDPA call."""
+
+    rows: torch.Tensor  # (D,) their rows in the flat batch
+    tables: torch.Tensor  # (D, pages) their block tables, cut to the longest context's pages
+    valid: torch.Tensor  # (D, S) which of the S gathered slots hold context (not padding)
+    max_context: int
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]  # new tokens per sequence, in batch order (host)
+    context_lens: list[int]  # tokens per sequence after this step, cached + new (host)
+    block_size: int = 0
+    # device tensors, all from one host-to-device copy
+    query_start_loc: torch.Tensor | None = None  # (B+1,) where each sequence's new tokens start
+    seq_lens: torch.Tensor | None = None  # (B,) = context_lens
+    block_tables: torch.Tensor | None = None  # (B, max_pages) KV pages per sequence, padded with 0
+    slot_mapping: torch.Tensor | None = None  # (T,) cache slot of every new token
+    # what torch_paged_attention reads, derived once per step from the same host lists
+    decode: DecodeLayout | None = None
+    prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (lo, hi, context slots)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the caller's sections of the copy
+
+    @staticmethod
+    def no_cache(query_lens: list[int]) -> "AttentionMetadata":
+        return AttentionMetadata(query_lens=list(query_lens), context_lens=list(query_lens))
+
+    @staticmethod
+    def build(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device, extra: dict[str, list[int]] | None = None) -> "AttentionMetadata":
+        """The step's metadata from host lists; `extra` (say token ids and positions) rides along in
+        the same copy and comes back in `.extra`."""
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        width = max(len(t) for t in block_tables)
+        sections: dict[str, list[int]] = {
+            "query_start_loc": starts,
+            "seq_lens": list(context_lens),
+            "slot_mapping": [table[p // block_size] * block_size + p % block_size
+                             for table, n, ctx in zip(block_tables, query_lens, context_lens)
+                             for p in range(ctx - n, ctx)],
+            "block_tables": [b for t in block_tables for b in t + [0] * (width - len(t))],
+        }
+        # one padded call for all single-token queries (when there are several), one SDPA call
+        # per other sequence over its context's slots
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        if len(decodes) < 2:
+            decodes = []
+        max_ctx = max((context_lens[i] for i in decodes), default=0)
+        pages = -(-max_ctx // block_size) if decodes else 0
+        if decodes:
+            sections["decode_rows"] = [starts[i] for i in decodes]
+            sections["decode_tables"] = [b for i in decodes for b in (block_tables[i] + [0] * pages)[:pages]]
+            sections["decode_lens"] = [context_lens[i] for i in decodes]
+        in_decode = set(decodes)
+        prefill_seqs = [i for i in range(len(query_lens)) if i not in in_decode]
+        for i in prefill_seqs:
+            ctx = context_lens[i]
+            sections[f"context_slots{i}"] = [block_tables[i][p // block_size] * block_size + p % block_size
+                                             for p in range(ctx)]
+        sections.update({f"extra:{k}": v for k, v in (extra or {}).items()})
+        on_device = copy_to_device(sections, device)
+        meta = AttentionMetadata(
+            query_lens=list(query_lens), context_lens=list(context_lens), block_size=block_size,
+            query_start_loc=on_device["query_start_loc"], seq_lens=on_device["seq_lens"],
+            block_tables=on_device["block_tables"].view(len(block_tables), width),
+            slot_mapping=on_device["slot_mapping"],
+            prefills=[(starts[i], starts[i + 1], on_device[f"context_slots{i}"]) for i in prefill_seqs],
+            extra={k.removeprefix("extra:"): v for k, v in on_device.items() if k.startswith("extra:")})
+        if decodes:
+            lens = on_device["decode_lens"]
+            meta.decode = DecodeLayout(
+                rows=on_device["decode_rows"], tables=on_device["decode_tables"].view(len(decodes), pages),
+                valid=torch.arange(max_ctx, device=device)[None, :] < lens[:, None], max_context=max_ctx)
+        return meta
+
+
+def copy_to_device(sections: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Integer lists -> int64 tensors on `device`, in one transfer (pinned and asynchronous on CUDA):
+    views of one buffer."""
+    flat = [x for values in sections.values() for x in values]
+    host = torch.tensor(flat, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    packed = host.to(device, non_blocking=True)
+    return dict(zip(sections, packed.split([len(v) for v in sections.values()])))
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, "KVCache | None", float],
+                       torch.Tensor]
+
+
+def attention_backend(device: torch.device) -> AttentionFn:
+    """The attention implementation for a device. Only the torch one exists yet (on every device)."""
+    return torch_paged_attention
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                      cache: KVCache | None, scale: float) -> torch.Tensor:
     """q: (T, n_heads, d); k, v: (T, n_kv_heads, d) for the new tokens -> (T, n_heads, d)."""
+    return attention_backend(q.device)(q, k, v, meta, cache, scale)
+
+
+def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                          cache: KVCache | None, scale: float) -> torch.Tensor:
+    """SDPA over each context gathered from the cache through the metadata's slots."""
     if cache is None:
-        return _attend_segments(q, k.split(batch.query_lens), v.split(batch.query_lens), batch.query_lens, scale)
+        return _attend_segments(q, k.split(meta.query_lens), v.split(meta.query_lens), meta.query_lens, scale)
     flat_k = cache.k.view(-1, *cache.k.shape[2:])  # (slots, hkv, d)
     flat_v = cache.v.view(-1, *cache.v.shape[2:])
-    flat_k.index_copy_(0, batch.slot_mapping, k)
-    flat_v.index_copy_(0, batch.slot_mapping, v)
+    flat_k.index_copy_(0, meta.slot_mapping, k)
+    flat_v.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-    starts = [0]
-    for n in batch.query_lens:
-        starts.append(starts[-1] + n)
-    decodes = [i for i, n in enumerate(batch.query_lens) if n == 1]
-    if len(decodes) > 1:  # one padded call for all single-token queries
-        rows = torch.tensor([starts[i] for i in decodes], device=q.device)
-        out[rows] = _decode_padded(q[rows], cache, batch.block_tables[rows.new_tensor(decodes)],
-                                   [batch.context_lens[i] for i in decodes], batch.block_size, scale)
-    else:
-        decodes = []
-    for i, ctx in enumerate(batch.context_lens):
-        if i in decodes:
-            continue
-        slots = _context_slots(batch.block_tables[i], ctx, batch.block_size)
-        lo, hi = starts[i], starts[i + 1]
+    if meta.decode is not None:
+        out[meta.decode.rows] = _decode_padded(q[meta.decode.rows], cache, meta.decode, scale)
+    for lo, hi, slots in meta.prefills:
         out[lo:hi] = _attend_segments(q[lo:hi], [flat_k[slots]], [flat_v[slots]], [hi - lo], scale)
     return out
-
-
-def _context_slots(block_table: torch.Tensor, ctx: int, block_size: int) -> torch.Tensor:
-    n_blocks = (ctx + block_size - 1) // block_size
-    offsets = torch.arange(block_size, device=block_table.device)
-    return (block_table[:n_blocks, None] * block_size + offsets[None, :]).flatten()[:ctx]
 
 
 def _attend_segments(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
@@ -87,16 +170,11 @@ def _attend_segments(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Ten
     return torch.cat(outs, dim=0)
 
 
-def _decode_padded(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, context_lens: list[int],
-                   block_size: int, scale: float) -> torch.Tensor:
-    """B one-token queries in one SDPA call: contexts gathered padded to the longest, pad masked."""
-    max_ctx = max(context_lens)
-    tables = block_tables[:, :(max_ctx + block_size - 1) // block_size]  # (B, nb)
-    k = cache.k[tables].flatten(1, 2)[:, :max_ctx]  # (B, S, hkv, d)
-    v = cache.v[tables].flatten(1, 2)[:, :max_ctx]
-    lens = torch.tensor(context_lens, device=q.device)
-    mask = torch.arange(max_ctx, device=q.device)[None, :] < lens[:, None]  # (B, S)
+def _decode_padded(q: torch.Tensor, cache: KVCache, decode: DecodeLayout, scale: float) -> torch.Tensor:
+    """D one-token queries in one SDPA call: contexts gathered padded to the longest, pad masked."""
+    k = cache.k[decode.tables].flatten(1, 2)[:, :decode.max_context]  # (D, S, hkv, d)
+    v = cache.v[decode.tables].flatten(1, 2)[:, :decode.max_context]
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),  # (B, h, 1, d), (B, hkv, S, d)
-        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[2])
-    return out[:, :, 0, :]  # (B, h, d)
+        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),  # (D, h, 1, d), (D, hkv, S, d)
+        attn_mask=decode.valid[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+    return out[:, :, 0, :]  # (D, h, d)
