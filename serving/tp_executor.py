@@ -1,13 +1,14 @@
 """Tensor-parallel decoder ranks as Ray actors in one placement group.
 
-The engine (plain Python, in the decoder replica) sends every rank the same `StepInput` by calling
-`execute` on each; the ranks run their shards in lock-step, joined by torch.distributed (gloo on
+The engine (plain Python, in the decoder replica) puts each step's `StepInput` in the object store
+once (image features included) and calls `execute` on every rank with that reference; the ranks run their shards in lock-step, joined by torch.distributed (gloo on
 CPU, NCCL on CUDA), and rank 0's sampled tokens come back. One bundle per rank: a GPU bundle on
 GPU nodes, a CPU bundle on CPU.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from dataclasses import dataclass
@@ -45,6 +46,21 @@ def placement_bundles(tensor_parallel_size: int, resources: RankResources) -> li
     return [dict(bundle) for _ in range(tensor_parallel_size)]
 
 
+def visible_index(gpu_id: int | str, visible: str | None) -> int:
+    """The CUDA device index of the GPU Ray assigned: its place in CUDA_VISIBLE_DEVICES when the node
+    sets one (Ray's ids are taken from that list), else the id itself."""
+    if visible:
+        return [d.strip() for d in visible.split(",")].index(str(gpu_id))
+    return int(gpu_id)
+
+
+def rank_runtime_env(resources: RankResources) -> dict:
+    """On CUDA, Ray must not narrow CUDA_VISIBLE_DEVICES to the rank's own GPU (see RankWorker)."""
+    if resources.device != "cuda":
+        return {}
+    return {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+
+
 @ray.remote
 class RankWorker:
     def __init__(self, checkpoint: str, rank: int, world_size: int, init_method: str, device: str,
@@ -52,6 +68,11 @@ class RankWorker:
         setup_logging()
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
+        else:
+            # The actor sees every GPU of its node (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES, set
+            # by RayTPExecutor): masking each rank to its own GPU hides the peers that NCCL's
+            # peer-to-peer paths over NVLink/NVSwitch need. So each rank selects the GPU Ray gave it.
+            torch.cuda.set_device(visible_index(ray.get_gpu_ids()[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
         backend = "nccl" if device == "cuda" else "gloo"
         self.tp = init_distributed(rank, world_size, init_method, backend)
         self.model = load_model(checkpoint, device=device, dtype=getattr(torch, dtype), tp=self.tp,
@@ -97,6 +118,7 @@ class RayTPExecutor:
             RankWorker.options(
                 name=f"pixtral-tp-rank{r}-{group}", num_cpus=resources.cpus_per_rank, num_gpus=resources.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + r),
+                runtime_env=rank_runtime_env(resources),
             ).remote(checkpoint, r, size, f"tcp://{ip}:{port}", resources.device, dtype, threads, tokenizer)
             for r in range(size)
         ]
@@ -107,7 +129,8 @@ class RayTPExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         """Every failure here stops the group: a rank that raised may have left the others waiting
         in a collective, so no later step could be trusted to line up (ExecutorDeadError)."""
-        refs = [w.execute.remote(step) for w in self.workers]
+        step_ref = ray.put(step)  # serialised once, read by every rank (not one pickled copy per rank)
+        refs = [w.execute.remote(step_ref) for w in self.workers]
         # Fail fast: if one rank dies, the others wait in a collective forever; do not wait on them.
         pending = list(refs)
         try:

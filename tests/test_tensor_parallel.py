@@ -48,3 +48,14 @@ def test_tp2_greedy_tokens_match_tp1(tp2, mistral_12b):
     got = {k: [t for o in v for t in o.token_ids] for k, v in engine.run_to_completion().items()}
     assert got == ref
     assert engine.stats().free_blocks == engine.stats().num_blocks
+
+
+def test_rank_selects_its_gpu_among_all_it_sees():
+    """On CUDA a rank sees every GPU of its node (NCCL's P2P paths need them) and selects the one
+    Ray gave it, by its place in CUDA_VISIBLE_DEVICES when the node narrows that."""
+    from serving.tp_executor import RankResources, rank_runtime_env, visible_index
+
+    assert visible_index(3, None) == 3
+    assert visible_index("6", "4,5,6,7") == 2
+    assert rank_runtime_env(RankResources(device="cuda")) == {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    assert rank_runtime_env(RankResources(device="cpu")) == {}
