@@ -178,3 +178,30 @@ def test_too_long_prompt_is_refused(mistral_12b, model):
     with pytest.raises(RequestError, match="maximum context length is 64"):
         engine.add_request("long", list(range(100, 200)), GREEDY)
     assert not engine.has_unfinished
+
+
+def test_padded_decode_batches_equal_eager(mistral_12b, model, requests_8, monkeypatch):
+    """Decode steps padded to fixed batch sizes (the shapes CUDA graphs replay) give the same tokens
+    and logprobs as unpadded steps; the padding rows write only to their scratch page."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, top_logprobs=2)
+
+    def tokens_and_logprobs(engine):
+        for rid, tokens, _, feats in requests_8[:5]:
+            engine.add_request(rid, tokens, params, feats, [f"{rid}-{k}" for k in range(len(feats))])
+        return {rid: [(t, lp.logprob) for o in outs for t, lp in zip(o.token_ids, o.logprobs)]
+                for rid, outs in engine.run_to_completion().items()}
+
+    eager = tokens_and_logprobs(build_local_engine(mistral_12b, model=model, num_blocks=256))
+    padded_engine = build_local_engine(mistral_12b, model=model, num_blocks=256, decode_batch_sizes=[1, 2, 4, 8])
+    runner = padded_engine.executor.runner
+    batch_rows = []
+    forward = type(runner.model).forward
+    monkeypatch.setattr(type(runner.model), "forward",
+                        lambda self, x, *a, **kw: batch_rows.append(x.shape[0]) or forward(self, x, *a, **kw))
+    padded = tokens_and_logprobs(padded_engine)
+    assert 8 in batch_rows  # 5 decoding sequences padded to 8
+    for rid in eager:
+        assert [t for t, _ in padded[rid]] == [t for t, _ in eager[rid]], rid
+        assert max(abs(a - b) for (_, a), (_, b) in zip(padded[rid], eager[rid])) <= 1e-5, rid
+    runner_blocks = runner.kv_caches[0].k.shape[0]
+    assert runner_blocks == 257 and runner.scratch_block == 256

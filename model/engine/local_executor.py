@@ -98,11 +98,13 @@ def engine_config_for(args: ModelArgs, num_blocks: int, eos_token_id: int, **ove
 def build_local_engine(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                        kv: KVBudget | None = None, block_size: int = 16, model: PixtralModel | None = None,
                        num_blocks: int | None = None, tokenizer: str | Path | None = None,
-                       **engine_overrides) -> LLMEngine:
-    """An engine on one device; `num_blocks` fixes the KV cache size instead of the memory budget."""
+                       decode_batch_sizes: list[int] | None = None, **engine_overrides) -> LLMEngine:
+    """An engine on one device; `num_blocks` fixes the KV cache size instead of the memory budget;
+    `decode_batch_sizes` pads decode-only steps to those batch sizes (see ModelRunner)."""
     model = model or load_model(checkpoint_dir, device=device, dtype=dtype, tokenizer=tokenizer)
     num_blocks = num_blocks or (kv or KVBudget()).num_blocks(model, block_size)
     decode, eos = tokenizer_decode(checkpoint_dir, tokenizer)
     config = engine_config_for(model.args, num_blocks, eos, block_size=block_size, **engine_overrides)
-    return LLMEngine(LocalExecutor(ModelRunner(model, num_blocks, block_size)), config, decode,
+    runner = ModelRunner(model, num_blocks, block_size, decode_batch_sizes)
+    return LLMEngine(LocalExecutor(runner), config, decode,
                      grammar_compiler(checkpoint_dir, model.args, tokenizer))

@@ -58,14 +58,23 @@ def kv_block_bytes(model: PixtralModel, block_size: int, dtype: torch.dtype) -> 
 
 
 class ModelRunner:
-    def __init__(self, model: PixtralModel, num_blocks: int, block_size: int) -> None:
+    """`decode_batch_sizes`: pad a decode-only step up to the next of these batch sizes with rows that
+    write to a scratch KV page of their own and are never sampled. Graph capture replays a fixed
+    shape, so this is the batch a CUDA graph would run; on CPU (without capture) it only serves to
+    show padding changes nothing. None: batches run as they come."""
+
+    def __init__(self, model: PixtralModel, num_blocks: int, block_size: int,
+                 decode_batch_sizes: list[int] | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.decode_batch_sizes = sorted(decode_batch_sizes or [])
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
         n_kv = model.args.n_kv_heads // model.tp.world_size
-        shape = (num_blocks, block_size, n_kv, model.args.head_dim)
+        # one page past the engine's blocks: the padding rows' scratch page (the block manager never hands it out)
+        self.scratch_block = num_blocks
+        shape = (num_blocks + (1 if self.decode_batch_sizes else 0), block_size, n_kv, model.args.head_dim)
         self.kv_caches = [KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(model.args.n_layers)]
@@ -93,6 +102,7 @@ class ModelRunner:
         return self.model.project_images(feats, [img.grid for img in images])
 
     def _run(self, chunks: list[SeqChunk]) -> StepOutput:
+        chunks = self._padded(chunks)
         sampled = [i for i, c in enumerate(chunks) if c.sample]
         query_lens = [len(c.token_ids) for c in chunks]
         image_rows = self._image_rows(chunks)
@@ -116,6 +126,15 @@ class ModelRunner:
         states = [self.samplers[chunks[i].seq_id] for i in sampled]
         ids, logprobs, failed_rows = sample(logits, states, [chunks[i].allowed for i in sampled])
         return StepOutput(ids, logprobs, {chunks[sampled[row]].seq_id: why for row, why in failed_rows.items()})
+
+    def _padded(self, chunks: list[SeqChunk]) -> list[SeqChunk]:
+        """A decode-only step padded to the next decode batch size (unchanged otherwise)."""
+        if not self.decode_batch_sizes or any(len(c.token_ids) != 1 for c in chunks):
+            return chunks
+        size = next((b for b in self.decode_batch_sizes if b >= len(chunks)), len(chunks))
+        # token 0 at position 0, its one-token context on the scratch page; never sampled
+        pad = SeqChunk(seq_id=-1, token_ids=[0], start=0, block_table=[self.scratch_block], sample=False)
+        return chunks + [pad] * (size - len(chunks))
 
     def _image_rows(self, chunks: list[SeqChunk]) -> list[int]:
         """Rows of the flat batch that hold [IMG] tokens, in order (counted on the host)."""
