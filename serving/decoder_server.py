@@ -49,7 +49,8 @@ class DecoderServer:
         setup_logging()
         cfg = AppConfig.from_dict(config)
         d = cfg.decoder
-        kv = KVBudget(gpu_memory_utilization=d.gpu_memory_utilization, cpu_bytes=d.kv_cache_bytes)
+        kv = KVBudget(gpu_memory_utilization=d.gpu_memory_utilization, cpu_bytes=d.kv_cache_bytes,
+                      profile_tokens=d.max_num_batched_tokens)
         overrides = dict(max_num_seqs=d.max_num_seqs, max_num_batched_tokens=d.max_num_batched_tokens,
                          enable_prefix_caching=d.enable_prefix_caching)
         if cfg.max_model_len:

@@ -205,3 +205,23 @@ def test_padded_decode_batches_equal_eager(mistral_12b, model, requests_8, monke
         assert max(abs(a - b) for (_, a), (_, b) in zip(padded[rid], eager[rid])) <= 1e-5, rid
     runner_blocks = runner.kv_caches[0].k.shape[0]
     assert runner_blocks == 257 and runner.scratch_block == 256
+
+
+def test_kv_budget_from_a_profile_names_the_numbers_when_too_small():
+    from model.engine.local_executor import _blocks_or_fail, cuda_kv_budget
+
+    gib = 1 << 30
+    # 80 GiB GPU, 50 GiB in use after loading, a 10 GiB activation peak: 0.9 x 80 - 50 - 10 = 12 GiB
+    assert cuda_kv_budget(80 * gib, 30 * gib, 10 * gib, 0.9) == 12 * gib
+    assert _blocks_or_fail(12 * gib, 1 << 20, 16, 8192, lambda: "") == 12 * 1024
+    with pytest.raises(MemoryError, match=r"no room for the KV cache: -2048 MiB left \(the reason\).*"
+                                          r"a step needs 8192 tokens.*max_num_batched_tokens.*gpu_memory_utilization"):
+        _blocks_or_fail(cuda_kv_budget(80 * gib, 20 * gib, 14 * gib, 0.9), 1 << 20, 16, 8192, lambda: "the reason")
+
+
+@pytest.mark.parametrize("checkpoint", ["mistral_12b", "mistral_large"])
+def test_profile_forward_runs_a_full_step_with_image_embeddings(checkpoint, request):
+    """The profiling pass runs the largest step's shapes (and the adapter's patch merge on Large)."""
+    from model.engine.model_runner import profile_forward
+
+    profile_forward(load_model(request.getfixturevalue(checkpoint), with_vision_encoder=False), 300)

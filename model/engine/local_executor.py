@@ -9,7 +9,7 @@ import torch
 
 from model.config import ModelArgs
 from model.engine.llm_engine import EngineConfig, ExecutorDeadError, LLMEngine
-from model.engine.model_runner import ModelRunner, StepInput, StepOutput, kv_block_bytes
+from model.engine.model_runner import ModelRunner, StepInput, StepOutput, kv_block_bytes, profile_forward
 from model.loader import load_model
 from model.pixtral import PixtralModel
 
@@ -18,23 +18,58 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 @dataclass
 class KVBudget:
-    """How much memory the paged KV cache may take: a fraction of free GPU memory, or bytes on CPU."""
+    """How much memory the paged KV cache may take: on CUDA, what a profiling pass leaves of
+    gpu_memory_utilization x the GPU; on CPU, a fixed number of bytes.
+
+    `profile_tokens`: the largest step the scheduler may run (max_num_batched_tokens). On CUDA one
+    cache-free forward of that many tokens, an image's worth of them image embeddings, runs before
+    the cache is sized, so its activation peak stays free; on a tensor-parallel rank it also warms
+    NCCL, whose buffers are then counted as in use.
+    """
 
     gpu_memory_utilization: float = 0.9
     cpu_bytes: int = DEFAULT_CPU_KV_BYTES
+    profile_tokens: int = 0
 
     def num_blocks(self, model: PixtralModel, block_size: int) -> int:
         weight = model.tok_embeddings.weight
         per_block = kv_block_bytes(model, block_size, weight.dtype)
-        if weight.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(weight.device)
-            budget = free - (1.0 - self.gpu_memory_utilization) * total
-        else:
-            budget = self.cpu_bytes
-        blocks = int(budget // per_block)
-        if blocks < 1:
-            raise MemoryError(f"no room for a KV cache: budget {budget / 2**20:.0f} MiB, one block {per_block} bytes")
-        return blocks
+        if weight.device.type != "cuda":
+            return _blocks_or_fail(self.cpu_bytes, per_block, block_size, 1,
+                                   lambda: f"kv_cache_bytes is {self.cpu_bytes / 2**20:.0f} MiB")
+        device = weight.device
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        if self.profile_tokens:
+            profile_forward(model, self.profile_tokens)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - baseline
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = cuda_kv_budget(total, free, peak, self.gpu_memory_utilization)
+        return _blocks_or_fail(budget, per_block, block_size, self.profile_tokens, lambda: (
+            f"{self.gpu_memory_utilization} x {total / 2**30:.1f} GiB, less {(total - free) / 2**30:.1f} GiB in use "
+            f"(weights, CUDA context, NCCL) and a {peak / 2**30:.1f} GiB activation peak for a "
+            f"{self.profile_tokens}-token step"))
+
+
+def cuda_kv_budget(total: int, free: int, activation_peak: int, utilization: float) -> int:
+    """Bytes left for the KV cache: utilization x the GPU, less what is in use now and the peak."""
+    return int(utilization * total - (total - free) - activation_peak)
+
+
+def _blocks_or_fail(budget: float, per_block: int, block_size: int, need_tokens: int, why) -> int:
+    """Whole blocks in the budget; fail at startup, naming the numbers and the knobs, when they
+    cannot hold one step's tokens."""
+    blocks = int(max(budget, 0) // per_block)
+    if blocks * block_size < max(need_tokens, 1):
+        raise MemoryError(
+            f"no room for the KV cache: {budget / 2**20:.0f} MiB left ({why()}); one {block_size}-token block "
+            f"takes {per_block / 2**20:.2f} MiB, and a step needs {max(need_tokens, 1)} tokens. Lower "
+            "decoder.max_num_batched_tokens, raise decoder.gpu_memory_utilization (GPU) or "
+            "decoder.kv_cache_bytes (CPU), or shard the model over more tensor_parallel_size ranks")
+    return blocks
 
 
 # A CUDA error other than out-of-memory leaves the context unusable ("sticky"): no later step can

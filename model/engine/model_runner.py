@@ -57,6 +57,25 @@ def kv_block_bytes(model: PixtralModel, block_size: int, dtype: torch.dtype) -> 
     return 2 * args.n_layers * block_size * n_kv * args.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+@torch.inference_mode()
+def profile_forward(model: PixtralModel, num_tokens: int) -> None:
+    """One cache-free forward of `num_tokens` tokens, an image's worth of them image embeddings
+    (the projection runs too): the activation peak of the largest step the scheduler may run."""
+    weight = model.tok_embeddings.weight
+    tokens = torch.ones(num_tokens, dtype=torch.long, device=weight.device)
+    embeds = None
+    vision = model.args.vision_encoder
+    if vision is not None:
+        merge = vision.spatial_merge_size
+        side = max(int(num_tokens ** 0.5) // merge * merge, merge)  # a square image of at most num_tokens tokens
+        grid = (side, side)
+        feats = torch.zeros(side * side, vision.hidden_size, dtype=weight.dtype, device=weight.device)
+        embeds = model.project_images(feats, [grid])
+        tokens[:embeds.shape[0]] = vision.image_token_id
+    x = model.embed(tokens, embeds)
+    model(x, torch.arange(num_tokens, device=weight.device), AttentionMetadata.no_cache([num_tokens]))
+
+
 class ModelRunner:
     """`decode_batch_sizes`: pad a decode-only step up to the next of these batch sizes with rows that
     write to a scratch KV page of their own and are never sampled. Graph capture replays a fixed
