@@ -126,6 +126,26 @@ def app_args(checkpoint) -> dict:
     }
 
 
+def deploy_beside(served: str, args: dict, name: str, timeout: float = 180) -> str:
+    """build_app(args) as a Serve application of its own at /name, beside the session's app: its
+    URL, once healthy."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    base = f"{served}/{name}"
+    wait_healthy(base, timeout)
+    return base
+
+
+def delete_app(name: str) -> None:
+    from ray import serve
+
+    if name in serve.status().applications:
+        serve.delete(name)
+
+
 def wait_healthy(base: str, timeout: float = 180) -> None:
     import httpx
 

@@ -13,7 +13,7 @@ from model.engine.local_executor import build_local_engine
 from model.engine.sampling_params import SamplingParams
 from serving.cli import configs_from_args, parse_args
 from serving.config import app_args, deployment_names, model_configs
-from tests.helpers import encode_chat, image_features, random_image, wait_healthy
+from tests.helpers import delete_app, deploy_beside, encode_chat, image_features, random_image
 from tests.test_metrics import increase, scrape
 from tests.test_serving import image_part
 
@@ -73,20 +73,12 @@ def test_cli_serves_a_config_of_several_models_and_refuses_per_model_flags(tmp_p
 @pytest.fixture(scope="module")
 def two_models(served, mistral_12b, mistral_large):
     """A 12B-shaped model (Tekken) and a Large-shaped one (SentencePiece v7) behind one ingress."""
-    from ray import serve
-
-    from serving.app import build_app
-
     args = {**TWO_MODELS, "models": [
         {"model": str(mistral_12b), "served_model_name": "tiny-12b", "model_aliases": ["pixtral-12b-2409"]},
         {"model": str(mistral_large), "served_model_name": "tiny-large", "model_aliases": ["pixtral-large-latest"]},
     ]}
-    serve.run(build_app(args), name="multi", route_prefix="/multi", blocking=False)
-    base = served + "/multi"
-    wait_healthy(base)
-    yield base
-    if "multi" in serve.status().applications:
-        serve.delete("multi")
+    yield deploy_beside(served, args, "multi")
+    delete_app("multi")
 
 
 def _direct_greedy(checkpoint, parts: list, max_tokens: int) -> str:

@@ -13,17 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import random_image, wait_healthy
+from tests.helpers import delete_app, deploy_beside, random_image
 
 KEY = "test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
 def second_app(served, mistral_12b):
-    from ray import serve
-
-    from serving.app import build_app
-
     args = {
         "model": str(mistral_12b), "served_model_name": "pixtral-secure", "api_keys": [KEY, "another-key"],
         "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
@@ -34,12 +30,8 @@ def second_app(served, mistral_12b):
         "decoder": {"cpus_per_rank": 0.3, "kv_cache_bytes": 32 << 20},
         "max_model_len": 1024,
     }
-    serve.run(build_app(args), name="second", route_prefix="/second", blocking=False)
-    base = served + "/second"
-    wait_healthy(base)
-    yield base
-    if "second" in serve.status().applications:
-        serve.delete("second")
+    yield deploy_beside(served, args, "second")
+    delete_app("second")
 
 
 def auth(key: str) -> dict:

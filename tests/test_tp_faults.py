@@ -9,25 +9,18 @@ import httpx
 import pytest
 import ray
 
-from tests.helpers import wait_healthy
+from tests.helpers import delete_app, deploy_beside
 
 
 @pytest.fixture(scope="module")
 def tp_app(served, mistral_12b):
-    from ray import serve
-
-    from serving.app import build_app
-
     args = {"model": str(mistral_12b), "served_model_name": "pixtral-tp",
             "ingress": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
             "vision": {"num_cpus": 0.1, "num_replicas": 1},
             "decoder": {"tensor_parallel_size": 2, "cpus_per_rank": 0.4, "kv_cache_bytes": 32 << 20},
             "max_model_len": 2048}
-    serve.run(build_app(args), name="tp", route_prefix="/tp", blocking=False)
-    base = served + "/tp"
-    wait_healthy(base, timeout=240)
-    yield base
-    serve.delete("tp")
+    yield deploy_beside(served, args, "tp", timeout=240)
+    delete_app("tp")
 
 
 def rank_actors() -> list[str]:

@@ -6,6 +6,7 @@ rows to sample); each rank runs the forward pass on its shard; rank 0 also sampl
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +125,7 @@ class ModelRunner:
         chunks = self._padded(chunks)
         sampled = [i for i, c in enumerate(chunks) if c.sample]
         query_lens = [len(c.token_ids) for c in chunks]
+        last_rows = list(itertools.accumulate(query_lens, initial=-1))[1:]  # each chunk's last token
         image_rows = self._image_rows(chunks)
         # everything this step needs on the device, in one copy: token ids, positions, the rows
         # whose logits are sampled, where image embeddings go, and the attention metadata
@@ -132,7 +134,7 @@ class ModelRunner:
             self.block_size, self.device,
             extra={"tokens": [t for c in chunks for t in c.token_ids],
                    "positions": [c.start + i for c in chunks for i in range(len(c.token_ids))],
-                   "sampled_rows": [sum(query_lens[:i + 1]) - 1 for i in sampled],
+                   "sampled_rows": [last_rows[i] for i in sampled],
                    "image_rows": image_rows})
         embeds = self._chunk_image_embeds(chunks)
         x = self.model.embed(meta.extra["tokens"], embeds, meta.extra["image_rows"] if embeds is not None else None)
