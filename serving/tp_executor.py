@@ -1,9 +1,9 @@
 """Tensor-parallel decoder ranks as Ray actors in one placement group.
 
 The engine (plain Python, in the decoder replica) puts each step's `StepInput` in the object store
-once (image features included) and calls `execute` on every rank with that reference; the ranks run their shards in lock-step, joined by torch.distributed (gloo on
-CPU, NCCL on CUDA), and rank 0's sampled tokens come back. One bundle per rank: a GPU bundle on
-GPU nodes, a CPU bundle on CPU.
+once (image features included) and calls `execute` on every rank with that reference; the ranks
+run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
+0's sampled tokens come back. One bundle per rank: a GPU bundle on GPU nodes, a CPU bundle on CPU.
 """
 
 from __future__ import annotations
