@@ -109,7 +109,7 @@ class VisionEncoder(nn.Module):
         runs = same_size_runs([grids[i][0] * grids[i][1] for i in order])
         for layer in self.transformer.layers:
             x = layer(x, angles, runs)
-        if order != sorted(order):  # back to the caller's order
+        if order != list(range(len(order))):  # back to the caller's order
             parts = x.split([grids[i][0] * grids[i][1] for i in order])
             by_image = dict(zip(order, parts))
             x = torch.cat([by_image[i] for i in range(len(grids))])
