@@ -1,8 +1,9 @@
 """Tensor-parallel decoder ranks as Ray actors in one placement group.
 
 The engine (plain Python, in the decoder replica) puts each step's `StepInput` in the object store
-once (image features included) and calls `execute` on every rank with that reference; the ranks
-run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
+once (image features included) and calls `execute` on every rank with that reference. Block tables
+travel as deltas (`TableSender` / `TableReceiver`): a long sequence's table is sent once, then
+only the pages it gains. The ranks run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
 0's sampled tokens come back. One bundle per rank: a GPU bundle on GPU nodes, a CPU bundle on CPU.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
@@ -46,6 +47,62 @@ def placement_bundles(tensor_parallel_size: int, resources: RankResources) -> li
     return [dict(bundle) for _ in range(tensor_parallel_size)]
 
 
+@dataclass
+class TableDelta:
+    """A sequence's block table as a rank rebuilds it: the first `keep` pages of its copy, then `append`."""
+
+    keep: int
+    append: list[int]
+
+
+class TableSender:
+    """Replaces each chunk's block table by the change since the ranks last saw it (the engine side).
+
+    Tables grow a page at a time, so a decode step sends a page or nothing. A table that changed
+    otherwise (a preempted sequence's new pages) keeps only its common prefix. Must see every step
+    the ranks see, in order: a failed step stops the whole group (RayTPExecutor), so the two sides
+    never part."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, list[int]] = {}
+
+    def encode(self, step: StepInput) -> StepInput:
+        chunks = []
+        for c in step.chunks:
+            old, new = self.sent.get(c.seq_id, []), c.block_table
+            keep = len(old) if new[:len(old)] == old else _common_prefix(old, new)
+            chunks.append(replace(c, block_table=TableDelta(keep, new[keep:])))
+            self.sent[c.seq_id] = list(new)
+        for seq_id in step.finished:
+            self.sent.pop(seq_id, None)
+        return replace(step, chunks=chunks)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class TableReceiver:
+    """Rebuilds the block tables from TableSender's deltas (each rank's side)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[int, list[int]] = {}
+
+    def decode(self, step: StepInput) -> StepInput:
+        chunks = []
+        for c in step.chunks:
+            delta: TableDelta = c.block_table
+            table = self.tables.get(c.seq_id, [])[:delta.keep] + delta.append
+            self.tables[c.seq_id] = table
+            chunks.append(replace(c, block_table=table))
+        for seq_id in step.finished:
+            self.tables.pop(seq_id, None)
+        return replace(step, chunks=chunks)
+
+
 def visible_index(gpu_id: int | str, visible: str | None) -> int:
     """The CUDA device index of the GPU Ray assigned: its place in CUDA_VISIBLE_DEVICES when the node
     sets one (Ray's ids are taken from that list), else the id itself."""
@@ -78,6 +135,7 @@ class RankWorker:
         self.model = load_model(checkpoint, device=device, dtype=getattr(torch, dtype), tp=self.tp,
                                 with_vision_encoder=False, tokenizer=tokenizer)
         self.runner: ModelRunner | None = None
+        self.tables = TableReceiver()
 
     def num_blocks(self, budget: KVBudget, block_size: int) -> int:
         return budget.num_blocks(self.model, block_size)
@@ -86,7 +144,7 @@ class RankWorker:
         self.runner = ModelRunner(self.model, num_blocks, block_size)
 
     def execute(self, step: StepInput) -> StepOutput:
-        return self.runner.execute(step)
+        return self.runner.execute(self.tables.decode(step))
 
     def full_logits(self, tokens: list[int]) -> torch.Tensor:
         """Cache-free logits of a text prompt, for parity checks between parallel sizes."""
@@ -124,12 +182,13 @@ class RayTPExecutor:
         ]
         budget = kv or KVBudget()
         self.num_blocks = min(ray.get([w.num_blocks.remote(budget, block_size) for w in self.workers]))
+        self.tables = TableSender()
         ray.get([w.init_cache.remote(self.num_blocks, block_size) for w in self.workers])
 
     def execute(self, step: StepInput) -> StepOutput:
         """Every failure here stops the group: a rank that raised may have left the others waiting
         in a collective, so no later step could be trusted to line up (ExecutorDeadError)."""
-        step_ref = ray.put(step)  # serialised once, read by every rank (not one pickled copy per rank)
+        step_ref = ray.put(self.tables.encode(step))  # serialised once, read by every rank
         refs = [w.execute.remote(step_ref) for w in self.workers]
         # Fail fast: if one rank dies, the others wait in a collective forever; do not wait on them.
         pending = list(refs)

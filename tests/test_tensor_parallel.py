@@ -59,3 +59,33 @@ def test_rank_selects_its_gpu_among_all_it_sees():
     assert visible_index("6", "4,5,6,7") == 2
     assert rank_runtime_env(RankResources(device="cuda")) == {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
     assert rank_runtime_env(RankResources(device="cpu")) == {}
+
+
+def test_block_tables_travel_as_deltas():
+    """The ranks rebuild every table from deltas: growth, a preempted sequence's new pages, a
+    finished sequence's id reused; a decode step that gains no page sends none."""
+    from model.engine.model_runner import SeqChunk, StepInput
+    from serving.tp_executor import TableReceiver, TableSender
+
+    sender, receiver = TableSender(), TableReceiver()
+
+    def step(tables: dict[int, list[int]], finished=()) -> StepInput:
+        chunks = [SeqChunk(seq_id=s, token_ids=[1], start=0, block_table=t, sample=True) for s, t in tables.items()]
+        return StepInput(chunks, finished=list(finished))
+
+    steps = [
+        step({1: [5, 6, 7], 2: [9]}),
+        step({1: [5, 6, 7], 2: [9, 3]}),  # 1 gains nothing, 2 a page
+        step({1: [11, 12], 2: [9, 3, 4]}),  # 1 was preempted: all new pages
+        step({2: [9, 3]}, finished=[1]),  # a table that shrank (prefix kept)
+        step({1: [8]}),  # id 1 again, after it finished
+    ]
+    sent = []
+    for s in steps:
+        encoded = sender.encode(s)
+        sent.append([c.block_table for c in encoded.chunks])
+        decoded = receiver.decode(encoded)
+        assert [c.block_table for c in decoded.chunks] == [c.block_table for c in s.chunks]
+    assert [(d.keep, d.append) for d in sent[1]] == [(3, []), (1, [3])]
+    assert [(d.keep, d.append) for d in sent[2]] == [(0, [11, 12]), (2, [4])]
+    assert [(d.keep, d.append) for d in sent[4]] == [(0, [8])]
