@@ -126,7 +126,7 @@ class ModelRunner:
         sampled = [i for i, c in enumerate(chunks) if c.sample]
         query_lens = [len(c.token_ids) for c in chunks]
         last_rows = list(itertools.accumulate(query_lens, initial=-1))[1:]  # each chunk's last token
-        image_rows = self._image_rows(chunks)
+        image_rows, embeds = self._image_inputs(chunks)
         # everything this step needs on the device, in one copy: token ids, positions, the rows
         # whose logits are sampled, where image embeddings go, and the attention metadata
         meta = AttentionMetadata.build(
@@ -136,7 +136,6 @@ class ModelRunner:
                    "positions": [c.start + i for c in chunks for i in range(len(c.token_ids))],
                    "sampled_rows": [last_rows[i] for i in sampled],
                    "image_rows": image_rows})
-        embeds = self._chunk_image_embeds(chunks)
         x = self.model.embed(meta.extra["tokens"], embeds, meta.extra["image_rows"] if embeds is not None else None)
         hidden = self.model(x, meta.extra["positions"], meta, self.kv_caches)
         if not sampled:
@@ -157,22 +156,17 @@ class ModelRunner:
         pad = SeqChunk(seq_id=-1, token_ids=[0], start=0, block_table=[self.scratch_block], sample=False)
         return chunks + [pad] * (size - len(chunks))
 
-    def _image_rows(self, chunks: list[SeqChunk]) -> list[int]:
-        """Rows of the flat batch that hold [IMG] tokens, in order (counted on the host)."""
+    def _image_inputs(self, chunks: list[SeqChunk]) -> tuple[list[int], torch.Tensor | None]:
+        """The rows of the flat batch that hold [IMG] tokens (counted on the host), and the image
+        embeddings for them in token order (chunks may cut an image). One pass over the tokens."""
         vision = self.model.args.vision_encoder
         if vision is None:
-            return []
-        flat = (t for c in chunks for t in c.token_ids)
-        return [row for row, t in enumerate(flat) if t == vision.image_token_id]
-
-    def _chunk_image_embeds(self, chunks: list[SeqChunk]) -> torch.Tensor | None:
-        """The image embeddings for the [IMG] tokens of this step, in token order (chunks may cut an image)."""
-        vision = self.model.args.vision_encoder
-        if vision is None:
-            return None
-        parts = []
+            return [], None
+        rows, parts, row = [], [], 0
         for c in chunks:
-            n = sum(1 for t in c.token_ids if t == vision.image_token_id)
-            if n:
-                parts.append(self.image_embeds[c.seq_id][c.image_offset:c.image_offset + n])
-        return torch.cat(parts) if parts else None
+            mine = [row + i for i, t in enumerate(c.token_ids) if t == vision.image_token_id]
+            if mine:
+                rows += mine
+                parts.append(self.image_embeds[c.seq_id][c.image_offset:c.image_offset + len(mine)])
+            row += len(c.token_ids)
+        return rows, torch.cat(parts) if parts else None

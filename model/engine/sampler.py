@@ -62,7 +62,6 @@ def sample(logits: torch.Tensor, states: list[SamplerState], allowed: list[torch
     are sampled as usual.
     """
     assert logits.shape[0] == len(states), (logits.shape, len(states))
-    vocab = logits.shape[1]
     _scatter_add(logits, [(i, s.bias) for i, s in enumerate(states) if s.bias], inplace=True)
     constrained = [i for i, mask in enumerate(allowed or []) if mask is not None]
     if constrained:
@@ -78,7 +77,7 @@ def sample(logits: torch.Tensor, states: list[SamplerState], allowed: list[torch
     drawn = [i for i, s in enumerate(states) if not s.params.greedy]
     if drawn:
         rows = logits[drawn].masked_fill(bad[drawn, None], 0.0)  # a failed row flows through, unused
-        tokens[drawn] = _draw(rows, [states[i] for i in drawn], vocab)
+        tokens[drawn] = _draw(rows, [states[i] for i in drawn])
 
     n_top = max((states[i].params.top_logprobs for i in want_logprobs), default=0)
     chosen_lp = top_lp = top_ids = None
@@ -123,9 +122,9 @@ def _scatter_add(logits: torch.Tensor, rows: list[tuple[int, dict[int, float]]],
     return add((index[:, 0], index[:, 1]), values, accumulate=True)
 
 
-def _draw(logits: torch.Tensor, states: list[SamplerState], vocab: int) -> torch.Tensor:
+def _draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     """Sampled rows (n, V), finite -> (n,) tokens: temperature, top-k, top-p, then one draw per row."""
-    device = logits.device
+    device, vocab = logits.device, logits.shape[1]
     temperature = torch.tensor([s.params.temperature for s in states], dtype=logits.dtype).to(device)
     # (x - max) <= 0: a small temperature cannot overflow to +inf
     x = (logits - logits.max(dim=-1, keepdim=True).values) / temperature[:, None]

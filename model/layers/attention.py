@@ -71,9 +71,8 @@ class AttentionMetadata:
         sections: dict[str, list[int]] = {
             "query_start_loc": starts,
             "seq_lens": list(context_lens),
-            "slot_mapping": [table[p // block_size] * block_size + p % block_size
-                             for table, n, ctx in zip(block_tables, query_lens, context_lens)
-                             for p in range(ctx - n, ctx)],
+            "slot_mapping": [slot for table, n, ctx in zip(block_tables, query_lens, context_lens)
+                             for slot in _slots(table, range(ctx - n, ctx), block_size)],
             "block_tables": [b for t in block_tables for b in t + [0] * (width - len(t))],
         }
         # one padded call for all single-token queries (when there are several), one SDPA call
@@ -90,9 +89,7 @@ class AttentionMetadata:
         in_decode = set(decodes)
         prefill_seqs = [i for i in range(len(query_lens)) if i not in in_decode]
         for i in prefill_seqs:
-            ctx = context_lens[i]
-            sections[f"context_slots{i}"] = [block_tables[i][p // block_size] * block_size + p % block_size
-                                             for p in range(ctx)]
+            sections[f"context_slots{i}"] = _slots(block_tables[i], range(context_lens[i]), block_size)
         sections.update({f"extra:{k}": v for k, v in (extra or {}).items()})
         on_device = copy_to_device(sections, device)
         meta = AttentionMetadata(
@@ -108,6 +105,11 @@ class AttentionMetadata:
                 rows=on_device["decode_rows"], tables=on_device["decode_tables"].view(len(decodes), pages),
                 valid=torch.arange(max_ctx, device=device)[None, :] < lens[:, None], max_context=max_ctx)
         return meta
+
+
+def _slots(table: list[int], positions: range, block_size: int) -> list[int]:
+    """Cache slots of a sequence's positions: page table[p // block_size], offset p % block_size."""
+    return [table[p // block_size] * block_size + p % block_size for p in positions]
 
 
 def copy_to_device(sections: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
