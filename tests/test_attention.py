@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
+from model.layers import flex_paged
 from model.layers.attention import AttentionMetadata, KVCache, causal_attention
 
 BLOCK = 4
@@ -25,9 +27,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).float()
 
 
-def test_paged_mixed_batch_equals_reference():
-    """One step: a fresh prefill, a chunked prefill after 9 cached tokens, and three decodes (so
-    the padded decode call runs), on shuffled, non-contiguous pages."""
+def mixed_step(shared_prefix: bool = False):
+    """A fresh prefill, a chunked prefill after 9 cached tokens, and three decodes, on shuffled,
+    non-contiguous pages. With `shared_prefix`, the chunked prefill's first two pages are also the
+    first two of the last decode's table, as the prefix cache shares them (same keys there)."""
     torch.manual_seed(0)
     rng = random.Random(0)
     cached = [0, 9, 12, 3, 20]  # tokens already in the cache, per sequence
@@ -38,18 +41,47 @@ def test_paged_mixed_batch_equals_reference():
     for c, n in zip(cached, new):
         need = -(-(c + n) // BLOCK)
         tables.append([pages.pop() for _ in range(need)])
-    cache = KVCache(torch.zeros(40, BLOCK, KV_HEADS, DIM), torch.zeros(40, BLOCK, KV_HEADS, DIM))
     contexts = [(torch.randn(c + n, KV_HEADS, DIM), torch.randn(c + n, KV_HEADS, DIM)) for c, n in zip(cached, new)]
+    if shared_prefix:
+        tables[4][:2] = tables[1][:2]
+        for t in (0, 1):
+            contexts[4][t][:2 * BLOCK] = contexts[1][t][:2 * BLOCK]
+    cache = KVCache(torch.zeros(40, BLOCK, KV_HEADS, DIM), torch.zeros(40, BLOCK, KV_HEADS, DIM))
     for (k, v), table, c in zip(contexts, tables, cached):  # what earlier steps wrote
         for p in range(c):
             cache.k[table[p // BLOCK], p % BLOCK] = k[p]
             cache.v[table[p // BLOCK], p % BLOCK] = v[p]
+    return cached, new, tables, contexts, cache
 
-    meta = AttentionMetadata.build(new, [c + n for c, n in zip(cached, new)], tables, BLOCK, torch.device("cpu"))
+
+@pytest.mark.parametrize("backend,compiled,shared_prefix", [
+    ("torch", False, False), ("torch", False, True), ("flex", False, False), ("flex", False, True),
+    ("flex", True, True)])
+def test_paged_mixed_batch_equals_reference(backend, compiled, shared_prefix, monkeypatch):
+    """One step of every kind through the per-step metadata, against a float64 reference.
+
+    The flex backend uses query blocks of 4 tokens here, so that the prefill mask has both
+    one-sequence blocks (with whole pages) and blocks shared by two sequences. Eager FlexAttention
+    applies the mask functions alone; the compiled kernel (the one serving runs) reads only the
+    pages the block lists name, and skips the mask on whole pages, so it also checks the lists."""
+    monkeypatch.setattr(flex_paged, "COMPILE", compiled)
+    monkeypatch.setattr(flex_paged, "Q_BLOCK", 4)
+    cached, new, tables, contexts, cache = mixed_step(shared_prefix)
+    meta = AttentionMetadata.build(new, [c + n for c, n in zip(cached, new)], tables, BLOCK, torch.device("cpu"),
+                                   backend=backend)
     assert meta.query_start_loc.tolist() == [0, 7, 12, 13, 14, 15]
     assert meta.seq_lens.tolist() == [7, 14, 13, 4, 21]
     assert meta.slot_mapping.tolist()[7] == tables[1][9 // BLOCK] * BLOCK + 9 % BLOCK  # B's first new token
-    assert meta.decode is not None and meta.decode.rows.tolist() == [12, 13, 14]
+    if backend == "torch":
+        assert meta.decode is not None and meta.decode.rows.tolist() == [12, 13, 14]
+    else:
+        masks = meta.flex.masks(cache.k.shape[0])
+        assert masks["decode"][0].tolist() == [12, 13, 14] and masks["prefill"][0].tolist() == list(range(12))
+        d = meta.flex.on_device
+        # query blocks of 4 over the 12 prefill tokens: A's positions 0-3; A's 4-6 with B's 9; B's 10-13.
+        # The last is B's alone, and its queries see B's first two pages whole.
+        assert d["flex_full_num"].tolist() == [0, 0, 2]
+        assert d["flex_part_num"].tolist() == [1, 2 + 3, 2]
 
     q = torch.randn(sum(new), HEADS, DIM)
     k_new = torch.cat([k[c:] for (k, _), c in zip(contexts, cached)])
@@ -67,11 +99,14 @@ def test_paged_mixed_batch_equals_reference():
         assert torch.equal(cache.k[table[p // BLOCK], p % BLOCK], k[p])
 
 
-def test_no_cache_equals_reference():
+@pytest.mark.parametrize("backend,compiled", [("torch", False), ("flex", False), ("flex", True)])
+def test_no_cache_equals_reference(backend, compiled, monkeypatch):
+    """Without a cache (the profiling pass's forward): each sequence causal over its own tokens."""
+    monkeypatch.setattr(flex_paged, "COMPILE", compiled)
     torch.manual_seed(1)
     lens = [5, 1, 9]
     q, k, v = torch.randn(15, HEADS, DIM), torch.randn(15, KV_HEADS, DIM), torch.randn(15, KV_HEADS, DIM)
-    out = causal_attention(q, k, v, AttentionMetadata.no_cache(lens), None, DIM ** -0.5)
+    out = causal_attention(q, k, v, AttentionMetadata.no_cache(lens, backend), None, DIM ** -0.5)
     for lo, n in zip([0, 5, 6], lens):
         torch.testing.assert_close(out[lo:lo + n], reference(q[lo:lo + n], k[lo:lo + n], v[lo:lo + n]),
                                    atol=1e-5, rtol=1e-5)

@@ -207,6 +207,42 @@ def test_padded_decode_batches_equal_eager(mistral_12b, model, requests_8, monke
     assert runner_blocks == 257 and runner.scratch_block == 256
 
 
+def test_flex_attention_backend_equals_torch_backend(mistral_12b, model, requests_8, monkeypatch):
+    """The engine on the FlexAttention backend (CUDA's) gives the torch backend's greedy tokens and
+    logprobs: image prefills, chunked prefills (a 64-token step budget), decodes padded to graph
+    sizes, and a prompt sent twice so that its pages are shared through the prefix cache. Eager
+    FlexAttention applies the block masks' functions alone (test_attention checks the compiled
+    kernel's page lists)."""
+    from model.layers import flex_paged
+
+    monkeypatch.setattr(flex_paged, "COMPILE", False)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, top_logprobs=2)
+    reqs = requests_8[:5] + [("again", *requests_8[2][1:])]
+
+    def tokens_and_logprobs(backend):
+        monkeypatch.setenv("PIXTRAL_SERVE_ATTENTION", backend)
+        engine = build_local_engine(mistral_12b, model=model, num_blocks=256, max_num_batched_tokens=64,
+                                    decode_batch_sizes=[1, 2, 4, 8])
+        assert engine.executor.runner.attention_backend == backend
+        for rid, tokens, _, feats in reqs:
+            engine.add_request(rid, tokens, params, feats, [f"{rid}-{k}" for k in range(len(feats))])
+        out = {rid: [(t, lp.logprob) for o in outs for t, lp in zip(o.token_ids, o.logprobs)]
+               for rid, outs in engine.run_to_completion().items()}
+        assert engine.blocks.prefix_hit_blocks > 0  # "again" read r2's pages
+        return out
+
+    calls = []
+    paged = flex_paged.paged_attention
+    monkeypatch.setattr(flex_paged, "paged_attention", lambda *a: calls.append(1) or paged(*a))
+    torch_out = tokens_and_logprobs("torch")
+    assert not calls
+    flex_out = tokens_and_logprobs("flex")
+    assert calls
+    for rid in torch_out:
+        assert [t for t, _ in flex_out[rid]] == [t for t, _ in torch_out[rid]], rid
+        assert max(abs(a - b) for (_, a), (_, b) in zip(flex_out[rid], torch_out[rid])) <= 1e-5, rid
+
+
 def test_kv_budget_from_a_profile_names_the_numbers_when_too_small():
     from model.engine.local_executor import _blocks_or_fail, cuda_kv_budget
 

@@ -13,7 +13,7 @@ import torch
 
 from model.engine.sampler import SamplerState, TokenLogprobs, sample
 from model.engine.sampling_params import SamplingParams
-from model.layers.attention import AttentionMetadata, KVCache
+from model.layers.attention import AttentionMetadata, KVCache, backend_for
 from model.pixtral import PixtralModel
 
 
@@ -74,7 +74,8 @@ def profile_forward(model: PixtralModel, num_tokens: int) -> None:
         embeds = model.project_images(feats, [grid])
         tokens[:embeds.shape[0]] = vision.image_token_id
     x = model.embed(tokens, embeds)
-    model(x, torch.arange(num_tokens, device=weight.device), AttentionMetadata.no_cache([num_tokens]))
+    model(x, torch.arange(num_tokens, device=weight.device),
+          AttentionMetadata.no_cache([num_tokens], backend_for(weight.device)))
 
 
 class ModelRunner:
@@ -91,6 +92,7 @@ class ModelRunner:
         self.decode_batch_sizes = sorted(decode_batch_sizes or [])
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.attention_backend = backend_for(self.device)
         n_kv = model.args.n_kv_heads // model.tp.world_size
         # one page past the engine's blocks: the padding rows' scratch page (the block manager never hands it out)
         self.scratch_block = num_blocks
@@ -135,7 +137,8 @@ class ModelRunner:
             extra={"tokens": [t for c in chunks for t in c.token_ids],
                    "positions": [c.start + i for c in chunks for i in range(len(c.token_ids))],
                    "sampled_rows": [last_rows[i] for i in sampled],
-                   "image_rows": image_rows})
+                   "image_rows": image_rows},
+            backend=self.attention_backend)
         x = self.model.embed(meta.extra["tokens"], embeds, meta.extra["image_rows"] if embeds is not None else None)
         hidden = self.model(x, meta.extra["positions"], meta, self.kv_caches)
         if not sampled:

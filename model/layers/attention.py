@@ -8,18 +8,21 @@ serves prefill, chunked prefill and decode, mixed in one batch.
 The boundary between the model and an attention kernel is `AttentionMetadata`: what a paged
 kernel takes (query start offsets, context lengths, block tables, slot mapping), built once per
 step on the host and copied to the device in one transfer, then read by every layer. The backend
-is chosen by device (`attention_backend`). Today every device runs `torch_paged_attention`, which
-gathers each context through the same metadata and calls SDPA; a CUDA kernel that reads the cache
-in place is the next backend (see the README's GPU section).
+is chosen by device (`backend_for`): CUDA runs FlexAttention over the cache in place
+(`model/layers/flex_paged.py`); CPU runs `torch_paged_attention`, which gathers each context
+through the same metadata and calls SDPA, faster on CPU than FlexAttention's CPU kernel.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from model.layers import flex_paged
 
 
 @dataclass
@@ -45,6 +48,7 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence, in batch order (host)
     context_lens: list[int]  # tokens per sequence after this step, cached + new (host)
     block_size: int = 0
+    backend: str = "torch"  # a key of BACKENDS
     # device tensors, all from one host-to-device copy
     query_start_loc: torch.Tensor | None = None  # (B+1,) where each sequence's new tokens start
     seq_lens: torch.Tensor | None = None  # (B,) = context_lens
@@ -53,17 +57,19 @@ class AttentionMetadata:
     # what torch_paged_attention reads, derived once per step from the same host lists
     decode: DecodeLayout | None = None
     prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (lo, hi, context slots)
+    flex: flex_paged.FlexLayout | None = None  # what the FlexAttention backend reads
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the caller's sections of the copy
 
     @staticmethod
-    def no_cache(query_lens: list[int]) -> "AttentionMetadata":
-        return AttentionMetadata(query_lens=list(query_lens), context_lens=list(query_lens))
+    def no_cache(query_lens: list[int], backend: str = "torch") -> "AttentionMetadata":
+        return AttentionMetadata(query_lens=list(query_lens), context_lens=list(query_lens), backend=backend)
 
     @staticmethod
     def build(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
-              device: torch.device, extra: dict[str, list[int]] | None = None) -> "AttentionMetadata":
-        """The step's metadata from host lists; `extra` (say token ids and positions) rides along in
-        the same copy and comes back in `.extra`."""
+              device: torch.device, extra: dict[str, list[int]] | None = None,
+              backend: str = "torch") -> "AttentionMetadata":
+        """The step's metadata from host lists, laid out for `backend`; `extra` (say token ids and
+        positions) rides along in the same copy and comes back in `.extra`."""
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
@@ -75,9 +81,13 @@ class AttentionMetadata:
                              for slot in _slots(table, range(ctx - n, ctx), block_size)],
             "block_tables": [b for t in block_tables for b in t + [0] * (width - len(t))],
         }
-        # one padded call for all single-token queries (when there are several), one SDPA call
-        # per other sequence over its context's slots
-        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        flex_width = 0
+        if backend == "flex":
+            flex_sections, flex_width = flex_paged.host_sections(query_lens, context_lens, block_tables, block_size)
+            sections.update(flex_sections)
+        # torch: one padded call for all single-token queries (when there are several), one SDPA
+        # call per other sequence over its context's slots
+        decodes = [i for i, n in enumerate(query_lens) if n == 1] if backend == "torch" else []
         if len(decodes) < 2:
             decodes = []
         max_ctx = max((context_lens[i] for i in decodes), default=0)
@@ -87,18 +97,22 @@ class AttentionMetadata:
             sections["decode_tables"] = [b for i in decodes for b in (block_tables[i] + [0] * pages)[:pages]]
             sections["decode_lens"] = [context_lens[i] for i in decodes]
         in_decode = set(decodes)
-        prefill_seqs = [i for i in range(len(query_lens)) if i not in in_decode]
+        prefill_seqs = [i for i in range(len(query_lens)) if i not in in_decode] if backend == "torch" else []
         for i in prefill_seqs:
             sections[f"context_slots{i}"] = _slots(block_tables[i], range(context_lens[i]), block_size)
         sections.update({f"extra:{k}": v for k, v in (extra or {}).items()})
         on_device = copy_to_device(sections, device)
         meta = AttentionMetadata(
-            query_lens=list(query_lens), context_lens=list(context_lens), block_size=block_size,
+            query_lens=list(query_lens), context_lens=list(context_lens), block_size=block_size, backend=backend,
             query_start_loc=on_device["query_start_loc"], seq_lens=on_device["seq_lens"],
             block_tables=on_device["block_tables"].view(len(block_tables), width),
             slot_mapping=on_device["slot_mapping"],
             prefills=[(starts[i], starts[i + 1], on_device[f"context_slots{i}"]) for i in prefill_seqs],
             extra={k.removeprefix("extra:"): v for k, v in on_device.items() if k.startswith("extra:")})
+        if backend == "flex":
+            meta.flex = flex_paged.FlexLayout(
+                {k: v for k, v in on_device.items() if k.startswith("flex_")}, flex_width, meta.block_tables,
+                meta.seq_lens, meta.query_start_loc, block_size)
         if decodes:
             lens = on_device["decode_lens"]
             meta.decode = DecodeLayout(
@@ -127,15 +141,37 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetad
                        torch.Tensor]
 
 
-def attention_backend(device: torch.device) -> AttentionFn:
-    """The attention implementation for a device. Only the torch one exists yet (on every device)."""
-    return torch_paged_attention
+BACKEND_ENV = "PIXTRAL_SERVE_ATTENTION"
+
+
+def backend_for(device: torch.device) -> str:
+    """The attention backend for a device: FlexAttention on CUDA, the torch one elsewhere;
+    PIXTRAL_SERVE_ATTENTION=torch|flex overrides."""
+    chosen = os.environ.get(BACKEND_ENV) or ("flex" if device.type == "cuda" else "torch")
+    if chosen not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={chosen!r}: expected one of {sorted(BACKENDS)}")
+    return chosen
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                      cache: KVCache | None, scale: float) -> torch.Tensor:
     """q: (T, n_heads, d); k, v: (T, n_kv_heads, d) for the new tokens -> (T, n_heads, d)."""
-    return attention_backend(q.device)(q, k, v, meta, cache, scale)
+    return BACKENDS[meta.backend](q, k, v, meta, cache, scale)
+
+
+def _write_slots(k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> None:
+    """The step's new keys and values into their cache slots."""
+    cache.k.view(-1, *cache.k.shape[2:]).index_copy_(0, meta.slot_mapping, k)
+    cache.v.view(-1, *cache.v.shape[2:]).index_copy_(0, meta.slot_mapping, v)
+
+
+def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                           cache: KVCache | None, scale: float) -> torch.Tensor:
+    """FlexAttention reading the cache in place through block masks of its pages."""
+    if cache is None:
+        return flex_paged.packed_causal_attention(q, k, v, meta.query_lens, scale)
+    _write_slots(k, v, meta, cache)
+    return flex_paged.paged_attention(q, cache.k, cache.v, meta.flex, scale)
 
 
 def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -143,10 +179,9 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     """SDPA over each context gathered from the cache through the metadata's slots."""
     if cache is None:
         return _attend_segments(q, k.split(meta.query_lens), v.split(meta.query_lens), meta.query_lens, scale)
+    _write_slots(k, v, meta, cache)
     flat_k = cache.k.view(-1, *cache.k.shape[2:])  # (slots, hkv, d)
     flat_v = cache.v.view(-1, *cache.v.shape[2:])
-    flat_k.index_copy_(0, meta.slot_mapping, k)
-    flat_v.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     if meta.decode is not None:
         out[meta.decode.rows] = _decode_padded(q[meta.decode.rows], cache, meta.decode, scale)
@@ -180,3 +215,6 @@ def _decode_padded(q: torch.Tensor, cache: KVCache, decode: DecodeLayout, scale:
         q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),  # (D, h, 1, d), (D, hkv, S, d)
         attn_mask=decode.valid[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[2])
     return out[:, :, 0, :]  # (D, h, d)
+
+
+BACKENDS: dict[str, AttentionFn] = {"torch": torch_paged_attention, "flex": flex_attention_backend}

@@ -1,0 +1,211 @@
+"""Paged attention with PyTorch's FlexAttention: the CUDA backend, reading the KV cache in place.
+
+Why FlexAttention (the README's GPU section has the whole argument): it ships inside PyTorch, so a
+bare GPU machine needs nothing more; it takes a block-sparse mask whose KV blocks can be the cache's
+own pages; GQA is native (`enable_gqa`); and it also runs on CPU, so the CPU tests call the very
+kernel entry point and block masks that CUDA gets. FlashInfer and FlashAttention's varlen API are
+CUDA-only wheels that nothing here could test.
+
+The cache (num_blocks, block_size, hkv, d) is viewed as one key/value sequence of every slot,
+(1, hkv, num_blocks * block_size, d), and a `BlockMask` with KV blocks of one page says which pages
+each block of queries reads. A step is at most two kernel calls:
+
+- decode: the single-token sequences, one batch row each (the cache broadcast over the batch). A
+  row reads its table's pages, all but the last as whole blocks (no mask evaluated), the last up to
+  the context length;
+- prefill: the other sequences' new tokens packed in one row, in query blocks of `Q_BLOCK`. A query
+  block reads the pages of the sequences it holds, up to its last position. Where one sequence
+  fills a block, pages wholly before its first query are whole blocks. Elsewhere the mask keeps a
+  query to its own sequence's pages (through a page -> position-in-table map per sequence, since
+  the prefix cache shares pages between sequences) and to positions at or before its own.
+
+The layout's host parts travel in the step's one metadata copy; the block masks are made from them
+on the device, once per step, on the first layer's call.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+Q_BLOCK = 128  # queries per block of the prefill mask (FlexAttention's default block)
+
+# Eager FlexAttention is a reference implementation that scores every slot of the cache; serving
+# always compiles it. Tests of the block masks may switch this off to run small cases fast.
+COMPILE = True
+
+
+@functools.cache
+def _compiled_kernel(device_type: str):
+    # Steps vary in shape, so CUDA compiles for dynamic sizes after the first recompile (the
+    # default). The CPU kernel template fails to build with dynamic sizes (PyTorch 2.13), so CPU
+    # compiles each shape as it comes.
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float) -> torch.Tensor:
+    fn = _compiled_kernel(q.device.type) if COMPILE else flex_attention
+    options = None
+    if q.device.type == "cuda" and block_mask.BLOCK_SIZE[1] < 64:
+        # The prefill kernel's tile of keys must divide a KV block (a page); its default tiles are 64+.
+        options = {"BLOCK_N": block_mask.BLOCK_SIZE[1]}
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+              kernel_options=options)
+
+
+def host_sections(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                  block_size: int) -> tuple[dict[str, list[int]], int]:
+    """The step's FlexAttention layout as integer lists for the metadata copy, and the width of the
+    prefill mask's page lists."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    prefills = [i for i, n in enumerate(query_lens) if n > 1]
+    sections = {"flex_decode_seqs": decodes, "flex_prefill_seqs": prefills,
+                "flex_prefill_rows": [r for i in prefills for r in range(starts[i], starts[i + 1])],
+                "flex_q_seq": [s for s, i in enumerate(prefills) for _ in range(query_lens[i])],
+                "flex_q_pos": [p for i in prefills for p in range(context_lens[i] - query_lens[i], context_lens[i])],
+                "flex_prefill_pages": [-(-context_lens[i] // block_size) for i in prefills]}
+    # one row of pages per query block of the packed prefill tokens
+    owners = [(s, p) for s, p in zip(sections["flex_q_seq"], sections["flex_q_pos"])]
+    full_rows, part_rows = [], []
+    for lo in range(0, len(owners), Q_BLOCK):
+        block = owners[lo:lo + Q_BLOCK]
+        first: dict[int, int] = {}  # sequence -> its first and last position in this block
+        last: dict[int, int] = {}
+        for s, p in block:
+            first.setdefault(s, p)
+            last[s] = p
+        whole = len(first) == 1
+        full, part = [], []
+        for s in first:
+            table = block_tables[prefills[s]]
+            n_full = (first[s] + 1) // block_size if whole else 0  # pages every query of the block sees whole
+            full += table[:n_full]
+            part += table[n_full:last[s] // block_size + 1]
+        full_rows.append(full)
+        part_rows.append(list(dict.fromkeys(part)))  # a page shared by two sequences is read once
+    width = max([len(r) for r in full_rows + part_rows] + [1])
+    sections["flex_full_num"] = [len(r) for r in full_rows]
+    sections["flex_full_idx"] = [b for r in full_rows for b in r + [0] * (width - len(r))]
+    sections["flex_part_num"] = [len(r) for r in part_rows]
+    sections["flex_part_idx"] = [b for r in part_rows for b in r + [0] * (width - len(r))]
+    return sections, width
+
+
+@dataclass
+class FlexLayout:
+    """The step's layout on the device (views of the metadata copy); `masks` builds the block masks."""
+
+    on_device: dict[str, torch.Tensor]
+    width: int
+    block_tables: torch.Tensor  # (B, pages)
+    seq_lens: torch.Tensor  # (B,)
+    query_start_loc: torch.Tensor  # (B+1,)
+    block_size: int
+    _masks: dict[str, tuple[torch.Tensor, BlockMask]] = field(default_factory=dict)
+
+    def masks(self, cache_blocks: int) -> dict[str, tuple[torch.Tensor, BlockMask]]:
+        """{"decode" / "prefill": (rows of the flat batch, block mask)} over a cache of `cache_blocks`
+        pages; made on the first call of the step."""
+        if not self._masks:
+            if self.on_device["flex_decode_seqs"].numel():
+                self._masks["decode"] = self._decode_mask(cache_blocks)
+            if self.on_device["flex_prefill_seqs"].numel():
+                self._masks["prefill"] = self._prefill_mask(cache_blocks)
+        return self._masks
+
+    def _columns(self, indices: torch.Tensor, cache_blocks: int) -> torch.Tensor:
+        """Page lists as int32; on CPU padded to the whole cache, the width its kernel asks for."""
+        if indices.device.type == "cpu":
+            indices = F.pad(indices, (0, cache_blocks - indices.shape[-1]))
+        return indices.to(torch.int32).contiguous()
+
+    def _decode_mask(self, cache_blocks: int) -> tuple[torch.Tensor, BlockMask]:
+        seqs = self.on_device["flex_decode_seqs"]
+        bs = self.block_size
+        lens, tables = self.seq_lens[seqs], self.block_tables[seqs]
+        pages = (lens + bs - 1) // bs
+        logical = _logical_pages(tables, pages, cache_blocks)
+
+        def in_context(b, h, q_idx, kv_idx):
+            place = logical[b, kv_idx // bs]
+            return (place >= 0) & (place * bs + kv_idx % bs < lens[b])
+
+        mask = BlockMask.from_kv_blocks(
+            torch.ones_like(pages)[:, None, None].to(torch.int32),
+            self._columns(tables.gather(1, (pages - 1)[:, None])[:, None, None, :], cache_blocks),
+            (pages - 1)[:, None, None].to(torch.int32),
+            self._columns(tables[:, None, None, :], cache_blocks),
+            BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=in_context, seq_lengths=(1, cache_blocks * bs),
+            compute_q_blocks=False)
+        return self.query_start_loc[seqs], mask
+
+    def _prefill_mask(self, cache_blocks: int) -> tuple[torch.Tensor, BlockMask]:
+        d, bs, width = self.on_device, self.block_size, self.width
+        logical = _logical_pages(self.block_tables[d["flex_prefill_seqs"]], d["flex_prefill_pages"], cache_blocks)
+        q_seq, q_pos = d["flex_q_seq"], d["flex_q_pos"]
+
+        def own_causal(b, h, q_idx, kv_idx):
+            place = logical[q_seq[q_idx], kv_idx // bs]
+            return (place >= 0) & (place * bs + kv_idx % bs <= q_pos[q_idx])
+
+        n_blocks = d["flex_part_num"].shape[0]
+        mask = BlockMask.from_kv_blocks(
+            d["flex_part_num"].to(torch.int32)[None, None],
+            self._columns(d["flex_part_idx"].view(1, 1, n_blocks, width), cache_blocks),
+            d["flex_full_num"].to(torch.int32)[None, None],
+            self._columns(d["flex_full_idx"].view(1, 1, n_blocks, width), cache_blocks),
+            BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=own_causal, seq_lengths=(q_seq.shape[0], cache_blocks * bs),
+            compute_q_blocks=False)
+        return d["flex_prefill_rows"], mask
+
+
+def _logical_pages(tables: torch.Tensor, pages: torch.Tensor, cache_blocks: int) -> torch.Tensor:
+    """(S, cache_blocks + 1): each physical page's place in sequence s's table, -1 where s does not
+    hold it. The masks test membership with it, so that each mask alone is the whole truth and the
+    block lists only prune (eager FlexAttention applies the mask alone)."""
+    n_seqs, n_cols = tables.shape
+    places = torch.arange(n_cols, device=tables.device)
+    columns = torch.where(places[None, :] < pages[:, None], tables, cache_blocks)  # padding: a dummy column
+    logical = torch.full((n_seqs, cache_blocks + 1), -1, dtype=torch.int32, device=tables.device)
+    return logical.scatter_(1, columns, places.to(torch.int32).expand(n_seqs, n_cols).contiguous())
+
+
+def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: FlexLayout,
+                    scale: float) -> torch.Tensor:
+    """q: (T, h, d), the step's queries; keys/values: one layer's cache (num_blocks, block_size, hkv, d)
+    with this step's keys already in their slots -> (T, h, d)."""
+    cache_k = keys.view(1, -1, *keys.shape[2:]).transpose(1, 2)  # (1, hkv, slots, d)
+    cache_v = values.view(1, -1, *values.shape[2:]).transpose(1, 2)
+    out = torch.empty_like(q)
+    masks = layout.masks(keys.shape[0])
+    if "decode" in masks:
+        rows, mask = masks["decode"]
+        out[rows] = kernel(q[rows][:, :, None, :], cache_k, cache_v, mask, scale)[:, :, 0, :]
+    if "prefill" in masks:
+        rows, mask = masks["prefill"]
+        packed = q[rows].transpose(0, 1)[None]  # (1, h, P, d)
+        out[rows] = kernel(packed, cache_k, cache_v, mask, scale)[0].transpose(0, 1)
+    return out
+
+
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int],
+                            scale: float) -> torch.Tensor:
+    """Without a cache (the profiling pass): each sequence of the packed batch attends causally to
+    its own new tokens."""
+    doc = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device),
+                                  torch.tensor(query_lens, device=q.device))
+
+    def same_seq_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    t = q.shape[0]
+    mask = create_block_mask(same_seq_causal, None, None, t, t, device=q.device)
+    out = kernel(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, scale)
+    return out[0].transpose(0, 1)
