@@ -79,6 +79,9 @@ class DecoderConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
+    # decode-only steps of up to these many sequences replay CUDA graphs; default on CUDA: powers
+    # of two to 16, then steps of 16, up to max_num_seqs; none on CPU ([] turns them off)
+    cuda_graph_batch_sizes: list[int] | None = None
     kv_cache_bytes: int = 1 << 30  # CPU budget
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -139,6 +142,10 @@ class AppConfig:
                              f"{d.max_replicas}")
         if d.target_sequences is None:
             d.target_sequences = max(0.75 * d.max_num_seqs, 1.0)
+        if d.cuda_graph_batch_sizes is None:
+            d.cuda_graph_batch_sizes = default_graph_batch_sizes(d.max_num_seqs) if cuda else []
+        if not all(isinstance(b, int) and b >= 1 for b in d.cuda_graph_batch_sizes):
+            raise ValueError(f"decoder.cuda_graph_batch_sizes must be positive integers, got {d.cuda_graph_batch_sizes}")
         if self.vision.num_gpus is None:
             self.vision.num_gpus = VISION_GPU_SHARE if cuda else 0.0
         if self.decoder.gpus_per_rank is None:
@@ -162,6 +169,12 @@ class AppConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, then every 16 up to max_num_seqs (which is always one of them)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
 
 
 def _build(cls: type, values: dict[str, Any], where: str):

@@ -62,7 +62,7 @@ class DecoderServer:
             model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype), with_vision_encoder=False,
                                tokenizer=cfg.tokenizer)
             engine = build_local_engine(cfg.model, model=model, kv=kv, block_size=d.block_size, tokenizer=cfg.tokenizer,
-                                        **overrides)
+                                        decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)
         else:
             from ray.util import get_current_placement_group
 
@@ -72,7 +72,7 @@ class DecoderServer:
             resources = RankResources(cfg.device, d.cpus_per_rank, d.gpus_per_rank)
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, resources, cfg.dtype, kv, d.block_size,
                                         pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
-                                        **overrides)
+                                        decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)
         self.engine = AsyncEngine(engine)
         self.tags = {"model": cfg.served_model_name}
         self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0, "failed_requests": 0}

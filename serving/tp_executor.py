@@ -140,8 +140,9 @@ class RankWorker:
     def num_blocks(self, budget: KVBudget, block_size: int) -> int:
         return budget.num_blocks(self.model, block_size)
 
-    def init_cache(self, num_blocks: int, block_size: int) -> None:
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
+    def init_cache(self, num_blocks: int, block_size: int, decode_batch_sizes: list[int] | None = None,
+                   max_pages: int | None = None) -> None:
+        self.runner = ModelRunner(self.model, num_blocks, block_size, decode_batch_sizes, max_pages)
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(self.tables.decode(step))
@@ -160,7 +161,8 @@ def _free_port_and_ip() -> tuple[str, int]:
 class RayTPExecutor:
     def __init__(self, checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                  kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
-                 first_bundle: int = 0, tokenizer: str | None = None) -> None:
+                 first_bundle: int = 0, tokenizer: str | None = None, decode_batch_sizes: list[int] | None = None,
+                 max_model_len: int | None = None) -> None:
         size = tensor_parallel_size
         self.step_timeout_s = 300.0
         self.owns_pg = pg is None
@@ -183,7 +185,9 @@ class RayTPExecutor:
         budget = kv or KVBudget()
         self.num_blocks = min(ray.get([w.num_blocks.remote(budget, block_size) for w in self.workers]))
         self.tables = TableSender()
-        ray.get([w.init_cache.remote(self.num_blocks, block_size) for w in self.workers])
+        max_pages = -(-max_model_len // block_size) if max_model_len else None
+        ray.get([w.init_cache.remote(self.num_blocks, block_size, decode_batch_sizes, max_pages)
+                 for w in self.workers])
 
     def execute(self, step: StepInput) -> StepOutput:
         """Every failure here stops the group: a rank that raised may have left the others waiting
@@ -214,12 +218,13 @@ class RayTPExecutor:
 
 def build_tp_engine(checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                     kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
-                    first_bundle: int = 0, tokenizer: str | None = None,
+                    first_bundle: int = 0, tokenizer: str | None = None, decode_batch_sizes: list[int] | None = None,
                     **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
     """An engine whose model runs on `tensor_parallel_size` Ray actors (in bundles first_bundle...)."""
-    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle,
-                             tokenizer)
-    decode, eos = tokenizer_decode(checkpoint, tokenizer)
     args = load_model_args(checkpoint, tokenizer)
+    executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle,
+                             tokenizer, decode_batch_sizes,
+                             engine_overrides.get("max_model_len", args.max_position_embeddings))
+    decode, eos = tokenizer_decode(checkpoint, tokenizer)
     config = engine_config_for(args, executor.num_blocks, eos, block_size=block_size, **engine_overrides)
     return LLMEngine(executor, config, decode, grammar_compiler(checkpoint, args, tokenizer)), executor

@@ -43,6 +43,9 @@ def test_cuda_defaults_to_bf16_and_accounts_for_every_gpu():
     explicit = config_from_args(parse_args(["--model", "/models/x", "--device", "cuda", "--dtype", "float16",
                                             "--vision-gpus", "0.5"]))
     assert explicit.dtype == "float16" and vision_options(explicit)["ray_actor_options"]["num_gpus"] == 0.5
+    # CUDA graphs for decode at 1, 2, 4, 8, then every 16 up to max_num_seqs (64); none on CPU
+    assert single.decoder.cuda_graph_batch_sizes == [1, 2, 4, 8, 16, 32, 48, 64]
     cpu = config_from_args(parse_args(["--model", "/models/x"]))
     assert cpu.dtype == "float32" and vision_options(cpu)["ray_actor_options"]["num_gpus"] == 0
+    assert cpu.decoder.cuda_graph_batch_sizes == []
     assert [b.get("GPU", 0) for b in decoder_bundles(cpu)] == [0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import load_model
+from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.local_executor import build_local_engine
 from model.engine.sampling_params import SamplingParams
 from tests.helpers import encode_chat, greedy_reference, image_features, random_image
@@ -209,10 +210,10 @@ def test_padded_decode_batches_equal_eager(mistral_12b, model, requests_8, monke
 
 def test_flex_attention_backend_equals_torch_backend(mistral_12b, model, requests_8, monkeypatch):
     """The engine on the FlexAttention backend (CUDA's) gives the torch backend's greedy tokens and
-    logprobs: image prefills, chunked prefills (a 64-token step budget), decodes padded to graph
-    sizes, and a prompt sent twice so that its pages are shared through the prefix cache. Eager
-    FlexAttention applies the block masks' functions alone (test_attention checks the compiled
-    kernel's page lists)."""
+    logprobs: image prefills, chunked prefills (a 64-token step budget), decodes on the static
+    buffers that CUDA graphs replay (padded to the next size; here not captured), and a prompt sent
+    twice so that its pages are shared through the prefix cache. Eager FlexAttention applies the
+    block masks' functions alone (test_attention checks the compiled kernel's page lists)."""
     from model.layers import flex_paged
 
     monkeypatch.setattr(flex_paged, "COMPILE", False)
@@ -234,10 +235,14 @@ def test_flex_attention_backend_equals_torch_backend(mistral_12b, model, request
     calls = []
     paged = flex_paged.paged_attention
     monkeypatch.setattr(flex_paged, "paged_attention", lambda *a: calls.append(1) or paged(*a))
+    static_sizes = []
+    run_static = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, size, chunks: static_sizes.append((size, len(chunks)))
+                        or run_static(self, size, chunks))
     torch_out = tokens_and_logprobs("torch")
-    assert not calls
+    assert not calls and not static_sizes
     flex_out = tokens_and_logprobs("flex")
-    assert calls
+    assert calls and (8, 6) in static_sizes  # 6 decoding sequences on the static size 8
     for rid in torch_out:
         assert [t for t, _ in flex_out[rid]] == [t for t, _ in torch_out[rid]], rid
         assert max(abs(a - b) for (_, a), (_, b) in zip(flex_out[rid], torch_out[rid])) <= 1e-5, rid

@@ -135,11 +135,13 @@ def build_local_engine(checkpoint_dir: str | Path, device: str = "cpu", dtype: t
                        num_blocks: int | None = None, tokenizer: str | Path | None = None,
                        decode_batch_sizes: list[int] | None = None, **engine_overrides) -> LLMEngine:
     """An engine on one device; `num_blocks` fixes the KV cache size instead of the memory budget;
-    `decode_batch_sizes` pads decode-only steps to those batch sizes (see ModelRunner)."""
+    `decode_batch_sizes` pads decode-only steps to those batch sizes, on static buffers (CUDA graphs
+    on CUDA) with the FlexAttention backend (see ModelRunner)."""
     model = model or load_model(checkpoint_dir, device=device, dtype=dtype, tokenizer=tokenizer)
     num_blocks = num_blocks or (kv or KVBudget()).num_blocks(model, block_size)
     decode, eos = tokenizer_decode(checkpoint_dir, tokenizer)
     config = engine_config_for(model.args, num_blocks, eos, block_size=block_size, **engine_overrides)
-    runner = ModelRunner(model, num_blocks, block_size, decode_batch_sizes)
+    runner = ModelRunner(model, num_blocks, block_size, decode_batch_sizes,
+                         max_pages=-(-config.max_model_len // block_size))
     return LLMEngine(LocalExecutor(runner), config, decode,
                      grammar_compiler(checkpoint_dir, model.args, tokenizer))

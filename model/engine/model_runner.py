@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.sampler import SamplerState, TokenLogprobs, sample
 from model.engine.sampling_params import SamplingParams
 from model.layers.attention import AttentionMetadata, KVCache, backend_for
@@ -80,12 +81,16 @@ def profile_forward(model: PixtralModel, num_tokens: int) -> None:
 
 class ModelRunner:
     """`decode_batch_sizes`: pad a decode-only step up to the next of these batch sizes with rows that
-    write to a scratch KV page of their own and are never sampled. Graph capture replays a fixed
-    shape, so this is the batch a CUDA graph would run; on CPU (without capture) it only serves to
-    show padding changes nothing. None: batches run as they come."""
+    write to a scratch KV page of their own and are never sampled. None: batches run as they come.
+
+    On the FlexAttention backend (CUDA's), those steps run on static buffers with block tables
+    `max_pages` wide (`DecodeGraphs`), captured as CUDA graphs on CUDA when `cuda_graphs`; a step
+    whose contexts are wider, or whose batch is larger than every size, runs eagerly. On the torch
+    backend the padding only serves to show it changes nothing."""
 
     def __init__(self, model: PixtralModel, num_blocks: int, block_size: int,
-                 decode_batch_sizes: list[int] | None = None) -> None:
+                 decode_batch_sizes: list[int] | None = None, max_pages: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -100,6 +105,10 @@ class ModelRunner:
         self.kv_caches = [KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(model.args.n_layers)]
+        self.graphs: DecodeGraphs | None = None
+        if self.decode_batch_sizes and self.attention_backend == "flex":
+            self.graphs = DecodeGraphs(model, self.kv_caches, self.decode_batch_sizes, max_pages or num_blocks,
+                                       block_size, self.scratch_block, capture=cuda_graphs and self.device.type == "cuda")
         self.image_embeds: dict[int, torch.Tensor] = {}  # seq id -> post-adapter embeddings
         self.samplers: dict[int, SamplerState] = {}
         self.is_driver = model.tp.rank == 0
@@ -124,6 +133,9 @@ class ModelRunner:
         return self.model.project_images(feats, [img.grid for img in images])
 
     def _run(self, chunks: list[SeqChunk]) -> StepOutput:
+        static = self._static_decode_size(chunks)
+        if static is not None:
+            return self._sample(chunks, list(range(len(chunks))), self.graphs.run(static, chunks))
         chunks = self._padded(chunks)
         sampled = [i for i, c in enumerate(chunks) if c.sample]
         query_lens = [len(c.token_ids) for c in chunks]
@@ -144,6 +156,19 @@ class ModelRunner:
         if not sampled:
             return StepOutput([], [])
         logits = self.model.compute_logits(hidden[meta.extra["sampled_rows"]])  # a collective: every rank takes part
+        return self._sample(chunks, sampled, logits)
+
+    def _static_decode_size(self, chunks: list[SeqChunk]) -> int | None:
+        """The static decode size for a step that can run on one (every chunk one sampled text token)."""
+        if self.graphs is None or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
+            return None
+        vision = self.model.args.vision_encoder
+        if vision is not None and any(c.token_ids[0] == vision.image_token_id for c in chunks):
+            return None
+        return self.graphs.size_for(len(chunks), max(c.start + 1 for c in chunks))
+
+    def _sample(self, chunks: list[SeqChunk], sampled: list[int], logits: torch.Tensor) -> StepOutput:
+        """Rank 0 samples the rows `sampled` (chunk indices) from their logits."""
         if not self.is_driver:
             return StepOutput([], [])
         states = [self.samplers[chunks[i].seq_id] for i in sampled]

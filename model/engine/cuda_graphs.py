@@ -1,0 +1,122 @@
+"""Decode steps on static buffers, captured as CUDA graphs at a set of batch sizes.
+
+A decode step's host work (Python, kernel launches: hundreds per layer stack) costs more than its
+GPU work at small batches. A CUDA graph replays the whole forward with one launch, but only on
+the exact tensors it was captured with. So each batch size owns static input buffers (token ids,
+positions, context lengths, slots, block tables at a fixed width of pages) and a static logits
+buffer; a step copies its values into the inputs (one host-to-device copy), replays, and reads the
+logits of its real rows. Rows past the step's sequences are padding: token 0 at position 0 on the
+runner's scratch page, never sampled.
+
+The forward inside is the FlexAttention backend's, with block masks made on the device from the
+static tables, so the masks are recorded in the graph too. On CPU nothing is captured: the same
+static-buffer forward runs as a function, which is how the CPU tests show it equals eager.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.layers.attention import AttentionMetadata, KVCache
+from model.layers.flex_paged import FlexLayout
+from model.pixtral import PixtralModel
+
+log = logging.getLogger(__name__)
+
+
+class _StaticDecode:
+    """One batch size: its input buffer, its forward, and (on CUDA) its captured graph."""
+
+    def __init__(self, model: PixtralModel, kv_caches: list[KVCache], size: int, pages: int, block_size: int,
+                 scratch_block: int) -> None:
+        self.model, self.kv_caches, self.size, self.pages, self.block_size = model, kv_caches, size, pages, block_size
+        device = model.tok_embeddings.weight.device
+        # sections: tokens, positions, seq_lens, slot_mapping (size each), then the tables (size x pages)
+        self.inputs = torch.zeros(size * (4 + pages), dtype=torch.int64, device=device)
+        tokens, positions, seq_lens, slots, tables = self.inputs.split([size] * 4 + [size * pages])
+        self.tokens, self.positions, self.seq_lens, self.slots = tokens, positions, seq_lens, slots
+        self.tables = tables.view(size, pages)
+        self.rows = torch.arange(size, device=device)
+        self.padding_row = [0, 0, 1, scratch_block * block_size] + [scratch_block] + [0] * (pages - 1)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self) -> torch.Tensor:
+        """The decode forward over the static buffers -> (size, vocab) logits."""
+        layout = FlexLayout({"flex_decode_seqs": self.rows, "flex_prefill_seqs": self.rows[:0]}, 0,
+                            self.tables, self.seq_lens, self.rows, self.block_size)
+        meta = AttentionMetadata(query_lens=[1] * self.size, context_lens=[], block_size=self.block_size,
+                                 backend="flex", query_start_loc=self.rows, seq_lens=self.seq_lens,
+                                 block_tables=self.tables, slot_mapping=self.slots, flex=layout)
+        x = self.model.embed(self.tokens, None, self.rows[:0])  # no image rows: nothing waits on the device
+        hidden = self.model(x, self.positions, meta, self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    def capture(self, pool) -> None:
+        """Warm up (compiles, allocator) on a side stream, then record the forward."""
+        self.load([self.padding_row] * self.size)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self.forward()
+
+    def load(self, rows: list[list[int]]) -> None:
+        """Rows of (token, position, context length, slot, page...) into the buffers, in one copy."""
+        rows = rows + [self.padding_row] * (self.size - len(rows))
+        flat = [row[k] for k in range(4) for row in rows] + [p for row in rows for p in row[4:]]
+        host = torch.tensor(flat, dtype=torch.int64)
+        if self.inputs.device.type == "cuda":
+            host = host.pin_memory()
+        self.inputs.copy_(host, non_blocking=True)
+
+    def run(self, rows: list[list[int]]) -> torch.Tensor:
+        self.load(rows)
+        if self.graph is None:
+            return self.forward()[:len(rows)]
+        self.graph.replay()
+        return self.logits[:len(rows)]
+
+
+class DecodeGraphs:
+    """Static decode forwards at `batch_sizes`, with block tables `pages` wide; captured as CUDA
+    graphs when `capture` (a failed capture logs why and leaves that size to run eagerly)."""
+
+    def __init__(self, model: PixtralModel, kv_caches: list[KVCache], batch_sizes: list[int], pages: int,
+                 block_size: int, scratch_block: int, capture: bool) -> None:
+        self.block_size, self.pages = block_size, pages
+        self.by_size = {b: _StaticDecode(model, kv_caches, b, pages, block_size, scratch_block)
+                        for b in sorted(batch_sizes)}
+        self.captured = False
+        if capture:
+            try:
+                pool = torch.cuda.graph_pool_handle()
+                for size in sorted(self.by_size, reverse=True):  # the largest first: smaller ones reuse its pool
+                    self.by_size[size].capture(pool)
+                self.captured = True
+            except Exception as exc:  # a capture failure must not stop serving: steps then run eagerly
+                log.warning("CUDA graph capture failed, decoding eagerly: %s", str(exc).splitlines()[0])
+                for entry in self.by_size.values():
+                    entry.graph = None
+
+    def size_for(self, batch: int, max_context: int) -> int | None:
+        """The smallest static size that holds `batch` sequences of up to `max_context` tokens."""
+        if -(-max_context // self.block_size) > self.pages:
+            return None
+        return next((b for b in self.by_size if b >= batch), None)
+
+    def run(self, size: int, chunks) -> torch.Tensor:
+        """Logits (len(chunks), vocab) of one-token chunks (SeqChunk) on the static size `size`."""
+        bs = self.block_size
+        rows = []
+        for c in chunks:
+            pos, table = c.start, c.block_table[:self.pages]  # pages past the context are never read
+            rows.append([c.token_ids[0], pos, pos + 1, table[pos // bs] * bs + pos % bs]
+                        + table + [0] * (self.pages - len(table)))
+        return self.by_size[size].run(rows)
