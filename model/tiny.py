@@ -77,6 +77,34 @@ def random_state(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def random_model(args: ModelArgs, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                 with_vision_encoder: bool = True):
+    """A model of `args` with random weights made on `device` (no checkpoint: for benchmarks and
+    GPU checks at full size, where writing one would take longer than the run), scaled as
+    `random_state` scales them."""
+    from model.layers.fp8 import cast_model
+    from model.layers.linear import pack_linear_weights
+    from model.pixtral import PixtralModel
+
+    with torch.device("meta"):
+        model = PixtralModel(args, with_vision_encoder=with_vision_encoder)
+    cast_model(model, dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_pre.weight"):
+                p.normal_(1.0, 0.1, generator=gen)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1, generator=gen)
+            elif name == "tok_embeddings.weight" or p.dim() < 2:
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, math.prod(p.shape[1:]) ** -0.5, generator=gen)
+    pack_linear_weights(model)
+    return model.eval()
+
+
 def make_tiny_checkpoint(out: str | Path, fmt: str = "mistral", shape: str = "12b", seed: int = 0,
                          overrides: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
     args = tiny_args(shape, overrides)
