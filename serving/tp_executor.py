@@ -3,7 +3,7 @@
 The engine (plain Python, in the decoder replica) puts each step's `StepInput` in the object store
 once (image features included) and calls `execute` on every rank with that reference. Block tables
 travel as deltas (`TableSender` / `TableReceiver`): a long sequence's table is sent once, then
-only the pages it gains. The ranks run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
+only the pages it gains. Grammar masks go to rank 0 alone, the only rank that samples. The ranks run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
 0's sampled tokens come back. One bundle per rank: a GPU bundle on GPU nodes, a CPU bundle on CPU.
 """
 
@@ -103,6 +103,21 @@ class TableReceiver:
         return replace(step, chunks=chunks)
 
 
+def split_masks(step: StepInput) -> tuple[StepInput, list | None]:
+    """The step without its grammar masks, and the masks (one per chunk, None where it has none; None
+    when no chunk has one). Only rank 0 samples, so only rank 0 is sent the masks."""
+    masks = [c.allowed for c in step.chunks]
+    if all(m is None for m in masks):
+        return step, None
+    return replace(step, chunks=[replace(c, allowed=None) for c in step.chunks]), masks
+
+
+def join_masks(step: StepInput, masks: list | None) -> StepInput:
+    if masks is None:
+        return step
+    return replace(step, chunks=[replace(c, allowed=m) for c, m in zip(step.chunks, masks)])
+
+
 def visible_index(gpu_id: int | str, visible: str | None) -> int:
     """The CUDA device index of the GPU Ray assigned: its place in CUDA_VISIBLE_DEVICES when the node
     sets one (Ray's ids are taken from that list), else the id itself."""
@@ -144,8 +159,8 @@ class RankWorker:
                    max_pages: int | None = None) -> None:
         self.runner = ModelRunner(self.model, num_blocks, block_size, decode_batch_sizes, max_pages)
 
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.runner.execute(self.tables.decode(step))
+    def execute(self, step: StepInput, masks: list | None = None) -> StepOutput:
+        return self.runner.execute(join_masks(self.tables.decode(step), masks))
 
     def full_logits(self, tokens: list[int]) -> torch.Tensor:
         """Cache-free logits of a text prompt, for parity checks between parallel sizes."""
@@ -192,8 +207,9 @@ class RayTPExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         """Every failure here stops the group: a rank that raised may have left the others waiting
         in a collective, so no later step could be trusted to line up (ExecutorDeadError)."""
-        step_ref = ray.put(self.tables.encode(step))  # serialised once, read by every rank
-        refs = [w.execute.remote(step_ref) for w in self.workers]
+        shared, masks = split_masks(self.tables.encode(step))
+        step_ref = ray.put(shared)  # serialised once, read by every rank
+        refs = [w.execute.remote(step_ref, masks if rank == 0 else None) for rank, w in enumerate(self.workers)]
         # Fail fast: if one rank dies, the others wait in a collective forever; do not wait on them.
         pending = list(refs)
         try:

@@ -31,7 +31,12 @@ def test_tp2_logits_match_tp1(tp2, mistral_12b):
     assert diff <= 1e-4, diff
 
 
-def test_tp2_greedy_tokens_match_tp1(tp2, mistral_12b):
+def test_tp2_greedy_tokens_match_tp1(tp2, mistral_12b, monkeypatch):
+    """Greedy tokens at TP=2 equal TP=1's, with images and with a JSON grammar (whose masks only
+    rank 0 is sent)."""
+    from model.engine.guided import json_grammar
+    from serving import tp_executor
+
     engine, _ = tp2
     model = load_model(mistral_12b)
     reqs = []
@@ -40,13 +45,27 @@ def test_tp2_greedy_tokens_match_tp1(tp2, mistral_12b):
         tokens, pixels = encode_chat(mistral_12b, parts)
         reqs.append((f"q{i}", tokens, image_features(model, pixels)))
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    guided = SamplingParams(max_tokens=40, temperature=0.0, grammar=json_grammar(
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+    masked_steps = []  # per step with masks: the shared step carries none of them
+    split = tp_executor.split_masks
+
+    def spy(step):
+        shared, masks = split(step)
+        if masks is not None:
+            masked_steps.append(all(c.allowed is None for c in shared.chunks))
+        return shared, masks
+
+    monkeypatch.setattr(tp_executor, "split_masks", spy)
     single = build_local_engine(mistral_12b, model=model, num_blocks=256)
     for engine_ in (single, engine):
         for rid, tokens, feats in reqs:
             engine_.add_request(rid, tokens, params, feats)
+        engine_.add_request("json", reqs[0][1], guided)
     ref = {k: [t for o in v for t in o.token_ids] for k, v in single.run_to_completion().items()}
     got = {k: [t for o in v for t in o.token_ids] for k, v in engine.run_to_completion().items()}
     assert got == ref
+    assert masked_steps and all(masked_steps)
     assert engine.stats().free_blocks == engine.stats().num_blocks
 
 
