@@ -75,6 +75,9 @@ class DecoderConfig:
     metrics_interval_s: float = 10.0  # how often replicas send them (Serve's default)
     tensor_parallel_size: int = 1
     cpus_per_rank: float = 1.0
+    # torch threads of each CPU rank; default: the whole CPUs it asks for (Ray's rule), at least 1.
+    # A local `pixtral-serve` run gives the decoder ranks the machine's cores (serving/placement.py)
+    cpu_threads: int | None = None
     gpus_per_rank: float | None = None  # default: DECODER_GPU_SHARE on CUDA
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -142,6 +145,8 @@ class AppConfig:
                              f"{d.max_replicas}")
         if d.target_sequences is None:
             d.target_sequences = max(0.75 * d.max_num_seqs, 1.0)
+        if d.cpu_threads is not None and not (isinstance(d.cpu_threads, int) and d.cpu_threads >= 1):
+            raise ValueError(f"decoder.cpu_threads must be a positive integer, got {d.cpu_threads!r}")
         if d.cuda_graph_batch_sizes is None:
             d.cuda_graph_batch_sizes = default_graph_batch_sizes(d.max_num_seqs) if cuda else []
         if not all(isinstance(b, int) and b >= 1 for b in d.cuda_graph_batch_sizes):

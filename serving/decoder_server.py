@@ -57,6 +57,8 @@ class DecoderServer:
             overrides["max_model_len"] = cfg.max_model_len
         if d.tensor_parallel_size == 1:
             device = "cuda" if cfg.device == "cuda" else "cpu"
+            if device == "cpu" and d.cpu_threads:
+                torch.set_num_threads(d.cpu_threads)
             from model.loader import load_model
 
             model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype), with_vision_encoder=False,
@@ -69,7 +71,7 @@ class DecoderServer:
             from serving.tp_executor import RankResources, build_tp_engine
 
             # bundle 0 of the replica's placement group is the replica itself; the ranks take 1..tp
-            resources = RankResources(cfg.device, d.cpus_per_rank, d.gpus_per_rank)
+            resources = RankResources(cfg.device, d.cpus_per_rank, d.gpus_per_rank, d.cpu_threads)
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, resources, cfg.dtype, kv, d.block_size,
                                         pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
                                         decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)

@@ -10,6 +10,11 @@ find. So a local run (`pixtral-serve`) reads the cluster's nodes before it deplo
   CPU it asks for. The ingress and vision pools share what is left, at their maximum replicas, so
   autoscaling never asks for a replica that cannot start. GPUs and custom resources are never
   shrunk: their asks are real.
+- On CPU, `fit_to_cluster` also gives the decoder ranks the machine's cores as torch threads
+  (`decoder.cpu_threads`, where not set): the cores divided among every decoder rank of the app.
+  The ingress and vision pools mostly wait on I/O between bursts, and an ask is no limit, while the
+  decoder's matmuls scale with threads: on a 2-core machine, 2 threads instead of 1 gave 1.5x the
+  tokens/s at 32 concurrent text requests.
 - `check_placeable` then checks every deployment (the decoder's placement group on one node when
   it is STRICT_PACK, as on CUDA) against the nodes, and raises `PlacementError` naming what was
   asked for and what the cluster has.
@@ -18,6 +23,7 @@ find. So a local run (`pixtral-serve`) reads the cluster's nodes before it deplo
 from __future__ import annotations
 
 import math
+import os
 
 from serving.config import AppConfig
 
@@ -73,6 +79,7 @@ def fit_to_cluster(configs: list[AppConfig], nodes: list[dict[str, float]]) -> l
             new = _floor(cfg.decoder.cpus_per_rank * share)
             notes.append(f"{where(cfg)}decoder.cpus_per_rank {cfg.decoder.cpus_per_rank:g} -> {new:g}")
             cfg.decoder.cpus_per_rank = new
+    notes += _decoder_threads(configs, nodes)
     rest = total - decoders()
     ingress = configs[0].ingress
     pools = ingress.max_replicas * ingress.num_cpus + sum(_vision_max(cfg) * cfg.vision.num_cpus for cfg in configs)
@@ -86,6 +93,24 @@ def fit_to_cluster(configs: list[AppConfig], nodes: list[dict[str, float]]) -> l
             new = _floor(cfg.vision.num_cpus * share)
             notes.append(f"{where(cfg)}vision.num_cpus {cfg.vision.num_cpus:g} -> {new:g}")
             cfg.vision.num_cpus = new
+    return notes
+
+
+def _decoder_threads(configs: list[AppConfig], nodes: list[dict[str, float]]) -> list[str]:
+    """CPU decoders' torch threads (where not configured): the cores of the machine, which a local
+    cluster is, shared evenly by the decoder ranks of every model at their maximum replicas."""
+    cpu = [cfg for cfg in configs if cfg.device == "cpu" and cfg.decoder.cpu_threads is None]
+    if not cpu:
+        return []
+    cores = min(int(max(n.get("CPU", 0.0) for n in nodes)), len(os.sched_getaffinity(0)))
+    ranks = sum(decoder_replicas(cfg, most=True) * cfg.decoder.tensor_parallel_size for cfg in configs)
+    threads = max(cores // ranks, 1)
+    notes = []
+    for cfg in cpu:
+        if threads > max(int(cfg.decoder.cpus_per_rank), 1):
+            cfg.decoder.cpu_threads = threads
+            notes.append(f"{cfg.served_model_name + ': ' if len(configs) > 1 else ''}decoder.cpu_threads -> {threads} "
+                         f"({cores} cores for {ranks} decoder rank{'s' if ranks > 1 else ''})")
     return notes
 
 

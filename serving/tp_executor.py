@@ -33,6 +33,7 @@ class RankResources:
     device: str = "cpu"  # "cpu" or "cuda"
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = 0.0  # what each rank asks Ray for on CUDA: one GPU each, shared at most with a vision replica
+    cpu_threads: int | None = None  # torch threads per rank on CPU; default: its whole CPUs, at least 1
 
     def __post_init__(self) -> None:
         if self.device == "cuda" and not self.gpus_per_rank:
@@ -187,7 +188,7 @@ class RayTPExecutor:
         ip, port = ray.get(ray.remote(num_cpus=0)(_free_port_and_ip).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle)
         ).remote())
-        threads = max(int(resources.cpus_per_rank), 1)
+        threads = resources.cpu_threads or max(int(resources.cpus_per_rank), 1)
         group = uuid.uuid4().hex[:8]  # names the ranks of this group, for operators and tests
         self.workers = [
             RankWorker.options(

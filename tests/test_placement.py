@@ -34,10 +34,36 @@ def test_the_defaults_do_not_fit_a_laptop_until_fitted():
     check_placeable([cfg], LAPTOP)
 
 
-def test_fitting_leaves_a_cluster_that_has_room_alone():
+def test_fitting_leaves_a_cluster_that_has_room_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     cfg = AppConfig(model="/m")
-    assert fit_to_cluster([cfg], [{"CPU": 16.0}]) == []
+    assert fit_to_cluster([cfg], [{"CPU": 16.0}]) == ["decoder.cpu_threads -> 16 (16 cores for 1 decoder rank)"]
     assert (cfg.ingress.num_cpus, cfg.vision.num_cpus, cfg.decoder.cpus_per_rank) == (1.0, 1.0, 1.0)
+
+
+def test_cpu_decoders_get_the_machines_cores_as_threads(monkeypatch):
+    """The cores (those of the node, at most those this process may run on) shared by every
+    decoder rank; set values, CUDA decoders and a share below the ask are left alone."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    single = AppConfig(model="/m")
+    fit_to_cluster([single], LAPTOP)
+    assert single.decoder.cpu_threads == 2
+    tp2 = AppConfig.from_dict({"model": "/m", "decoder": {"tensor_parallel_size": 2}})
+    fit_to_cluster([tp2], LAPTOP)
+    assert tp2.decoder.cpu_threads is None  # one core each: what the ask gives already
+    set_ = AppConfig.from_dict({"model": "/m", "decoder": {"cpu_threads": 1}})
+    fit_to_cluster([set_], LAPTOP)
+    assert set_.decoder.cpu_threads == 1
+    cuda = AppConfig(model="/m", device="cuda")
+    fit_to_cluster([cuda], [{"CPU": 2.0, "GPU": 1.0}])
+    assert cuda.decoder.cpu_threads is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    a, b = model_configs({"models": [{"model": "/a", "served_model_name": "a"},
+                                     {"model": "/b", "served_model_name": "b", "decoder": {"tensor_parallel_size": 2}}]})
+    assert fit_to_cluster([a, b], [{"CPU": 16.0}]) == ["a: decoder.cpu_threads -> 2 (8 cores for 3 decoder ranks)",
+                                                        "b: decoder.cpu_threads -> 2 (8 cores for 3 decoder ranks)"]
+    with pytest.raises(ValueError, match="cpu_threads must be a positive integer"):
+        AppConfig.from_dict({"model": "/m", "decoder": {"cpu_threads": 0}})
 
 
 def test_a_decoder_bigger_than_the_cluster_is_shrunk_on_cpu():
