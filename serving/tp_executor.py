@@ -3,7 +3,8 @@
 The engine (plain Python, in the decoder replica) puts each step's `StepInput` in the object store
 once (image features included) and calls `execute` on every rank with that reference. Block tables
 travel as deltas (`TableSender` / `TableReceiver`): a long sequence's table is sent once, then
-only the pages it gains. Grammar masks go to rank 0 alone, the only rank that samples. The ranks run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
+only the pages it gains. Grammar masks go to rank 0 alone, the only rank that samples. The ranks
+run their shards in lock-step, joined by torch.distributed (gloo on CPU, NCCL on CUDA), and rank
 0's sampled tokens come back. One bundle per rank: a GPU bundle on GPU nodes, a CPU bundle on CPU.
 """
 
