@@ -152,7 +152,7 @@ def bench_prefill(model, args: ModelArgs, device, dtype, peaks: Peaks, repeat: i
     n = len(tokens)
     linear_params = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
     flops = 2 * linear_params * n + 2 * args.n_layers * args.n_heads * args.head_dim * n * n  # causal QK^T + PV
-    flops += 2 * param_bytes(model.vision_language_adapter) // dtype.itemsize * side * side
+    flops += 2 * sum(p.numel() for p in model.vision_language_adapter.parameters()) * side * side
     floor = flops / peaks.flops
     return dict(what=f"prefill 1 image ({n} tokens)", ms=seconds * 1e3, floor_ms=floor * 1e3, ratio=seconds / floor)
 

@@ -83,7 +83,8 @@ class AttentionMetadata:
         }
         flex_width = 0
         if backend == "flex":
-            flex_sections, flex_width = flex_paged.host_sections(query_lens, context_lens, block_tables, block_size)
+            flex_sections, flex_width = flex_paged.host_sections(query_lens, context_lens, block_tables, block_size,
+                                                                starts)
             sections.update(flex_sections)
         # torch: one padded call for all single-token queries (when there are several), one SDPA
         # call per other sequence over its context's slots

@@ -58,12 +58,9 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockM
 
 
 def host_sections(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-                  block_size: int) -> tuple[dict[str, list[int]], int]:
+                  block_size: int, starts: list[int]) -> tuple[dict[str, list[int]], int]:
     """The step's FlexAttention layout as integer lists for the metadata copy, and the width of the
-    prefill mask's page lists."""
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
+    prefill mask's page lists. `starts`: where each sequence's new tokens start (and the total)."""
     decodes = [i for i, n in enumerate(query_lens) if n == 1]
     prefills = [i for i, n in enumerate(query_lens) if n > 1]
     sections = {"flex_decode_seqs": decodes, "flex_prefill_seqs": prefills,
@@ -72,7 +69,7 @@ def host_sections(query_lens: list[int], context_lens: list[int], block_tables: 
                 "flex_q_pos": [p for i in prefills for p in range(context_lens[i] - query_lens[i], context_lens[i])],
                 "flex_prefill_pages": [-(-context_lens[i] // block_size) for i in prefills]}
     # one row of pages per query block of the packed prefill tokens
-    owners = [(s, p) for s, p in zip(sections["flex_q_seq"], sections["flex_q_pos"])]
+    owners = list(zip(sections["flex_q_seq"], sections["flex_q_pos"]))
     full_rows, part_rows = [], []
     for lo in range(0, len(owners), Q_BLOCK):
         block = owners[lo:lo + Q_BLOCK]
