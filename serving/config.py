@@ -91,6 +91,10 @@ class DecoderConfig:
     affinity_routing: bool = True  # route a prompt to the replica whose prefix cache likely holds it
     affinity_load_factor: float = 1.25
     max_queued_requests: int = 256
+    # a streamed request's outputs between its first and its last go to the ingress at most once
+    # per this many ms, each with every token made meanwhile (0: one message per step); see
+    # model/engine/async_engine.py
+    stream_interval_ms: float = 50.0
     accelerator_type: str | None = None  # e.g. "H100"
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -147,6 +151,8 @@ class AppConfig:
             d.target_sequences = max(0.75 * d.max_num_seqs, 1.0)
         if d.cpu_threads is not None and not (isinstance(d.cpu_threads, int) and d.cpu_threads >= 1):
             raise ValueError(f"decoder.cpu_threads must be a positive integer, got {d.cpu_threads!r}")
+        if not (isinstance(d.stream_interval_ms, (int, float)) and 0 <= d.stream_interval_ms <= 1000):
+            raise ValueError(f"decoder.stream_interval_ms must be between 0 and 1000, got {d.stream_interval_ms!r}")
         if d.cuda_graph_batch_sizes is None:
             d.cuda_graph_batch_sizes = default_graph_batch_sizes(d.max_num_seqs) if cuda else []
         if not all(isinstance(b, int) and b >= 1 for b in d.cuda_graph_batch_sizes):

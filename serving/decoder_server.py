@@ -32,6 +32,8 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     image_hashes: list[str]
+    # tokens the decoder's stream interval never merges past (the ingress reads tool calls from [TOOL_CALLS] on)
+    stream_boundaries: frozenset[int] = frozenset()
 
     @property
     def affinity_key(self) -> str:
@@ -75,7 +77,7 @@ class DecoderServer:
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, resources, cfg.dtype, kv, d.block_size,
                                         pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
                                         decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, stream_interval_s=d.stream_interval_ms / 1000)
         self.tags = {"model": cfg.served_model_name}
         self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0, "failed_requests": 0}
         threading.Thread(target=self._report_engine_metrics, name="engine-metrics", daemon=True).start()
@@ -107,7 +109,7 @@ class DecoderServer:
         """Stream RequestOutputs; the image features arrive straight from the vision pool."""
         try:
             async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
-                                                  list(images), request.image_hashes):
+                                                  list(images), request.image_hashes, request.stream_boundaries):
                 if out.queue_time_s is not None:
                     metric("pixtral_queue_time_seconds").observe(out.queue_time_s, tags=self.tags)
                 yield out

@@ -232,8 +232,13 @@ class ServedModel:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def starts_tool_call(self, body: ChatCompletionRequest, out: RequestOutput) -> bool:
-        """This output carries [TOOL_CALLS]: the model starts its calls (with tools offered)."""
+        """This output carries [TOOL_CALLS]: the model starts its calls (with tools offered). Its
+        text is content; the decoder never merges later tokens into it (`stream_boundaries`)."""
         return body.tool_mode not in (None, "none") and self.tokenizer.tool_calls_token in out.token_ids
+
+    def stream_boundaries(self, body: ChatCompletionRequest) -> frozenset[int]:
+        token = self.tokenizer.tool_calls_token
+        return frozenset([token]) if body.tool_mode not in (None, "none") and token is not None else frozenset()
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -314,7 +319,9 @@ class OpenAIIngress:
         features = _VisionCalls(m.vision, [img.payload for img in images])
         hashes = [img.content_hash for img in images]
         timing = _Timing(started, len(params), prompt.num_image_tokens)
-        streams = [self._generate(m, f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing)
+        boundaries = m.stream_boundaries(body)
+        streams = [self._generate(m, f"{completion_id}-{i}", prompt.tokens, params[i], features, hashes, timing,
+                                  boundaries)
                    for i in range(len(params))]
         if body.stream:
             streams = list(await asyncio.gather(*(_started(s) for s in streams)))
@@ -416,10 +423,12 @@ class OpenAIIngress:
         return out
 
     async def _generate(self, m: ServedModel, request_id: str, tokens: list[int], params: SamplingParams,
-                        features: "_VisionCalls", hashes: list[str], timing: "_Timing") -> AsyncIterator[RequestOutput]:
+                        features: "_VisionCalls", hashes: list[str], timing: "_Timing",
+                        boundaries: frozenset[int]) -> AsyncIterator[RequestOutput]:
         """Stream one choice. A replica that dies before the first token is retried on a fresh call
-        (the vision pool and the decoder route around it); after that the client gets a 503."""
-        request = GenerateRequest(request_id, tokens, params, hashes)
+        (the vision pool and the decoder route around it); after that the client gets a 503.
+        `boundaries`: tokens the decoder sends at the end of an output (see `starts_tool_call`)."""
+        request = GenerateRequest(request_id, tokens, params, hashes, boundaries)
         last = None
         for attempt in range(RETRIES + 1):
             stream = m.decoder.options(stream=True).generate.remote(request, *features.get(attempt))
@@ -432,8 +441,10 @@ class OpenAIIngress:
                         if last is None and not timing.first_token_seen:
                             timing.first_token_seen = True
                             metric("pixtral_time_to_first_token_seconds").observe(now - timing.start, tags=m.tags)
-                        elif last is not None:
-                            metric("pixtral_inter_token_latency_seconds").observe(now - last, tags=m.tags)
+                        elif last is not None:  # an output may hold several tokens (the decoder's stream interval)
+                            gap = (now - last) / len(out.token_ids)
+                            for _ in out.token_ids:
+                                metric("pixtral_inter_token_latency_seconds").observe(gap, tags=m.tags)
                         last = now
                     finished = out.finished
                     if finished:

@@ -22,7 +22,7 @@ DEFINITIONS = {
     "pixtral_http_requests_total": ("counter", "HTTP requests by route and status code", None, ("route", "status_code")),
     "pixtral_request_latency_seconds": ("histogram", "End-to-end chat completion latency", LATENCY_BUCKETS, ()),
     "pixtral_time_to_first_token_seconds": ("histogram", "Time from request arrival to the first token", LATENCY_BUCKETS, ()),
-    "pixtral_inter_token_latency_seconds": ("histogram", "Time between streamed token outputs", TOKEN_LATENCY_BUCKETS, ()),
+    "pixtral_inter_token_latency_seconds": ("histogram", "Time between streamed tokens (an output's gap spread over its tokens)", TOKEN_LATENCY_BUCKETS, ()),
     "pixtral_queue_time_seconds": ("histogram", "Time a request waited in the engine before its first step", LATENCY_BUCKETS, ()),
     "pixtral_prompt_tokens_total": ("counter", "Prompt tokens (text and image) of finished requests", None, ()),
     "pixtral_generation_tokens_total": ("counter", "Generated tokens", None, ()),

@@ -2,6 +2,14 @@
 
 The engine steps in one background thread (model compute blocks); coroutines talk to it only
 through a command queue and per-request asyncio queues, so the engine itself needs no locks.
+
+A stream may coalesce (`stream_interval_s`): a request's first output and its last go out at once,
+and in between at most one output per interval, holding every token made meanwhile. Behind a Ray
+Serve replica each output is one message to the ingress, and that message, not the step, becomes
+what limits a fast engine: on the tiny demo checkpoint, whose steps take a few milliseconds as a
+GPU's do, sending only each request's first and last output carried 2.6x the tokens/s at 32
+concurrent requests. Ray Serve LLM batches its streams for the same reason (every 50 ms, the first
+token included).
 """
 
 from __future__ import annotations
@@ -34,18 +42,42 @@ class EngineDeadError(RuntimeError):
         self.retryable = retryable
 
 
+def _ends_merge(out: RequestOutput, boundaries: frozenset[int]) -> bool:
+    """An output nothing later is merged into: the last, or one holding a boundary token (a reader
+    splits the stream there, as the ingress does at [TOOL_CALLS]: content before, calls after)."""
+    return out.finished or not boundaries.isdisjoint(out.token_ids)
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    ended: asyncio.Event  # the request's last output (or its error) is queued: send now, hold nothing
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        self.loop.call_soon_threadsafe(self._arrive, item)
+
+    def _arrive(self, item: RequestOutput | BaseException) -> None:
+        self.outputs.put_nowait(item)
+        if isinstance(item, BaseException) or item.finished:
+            self.ended.set()
+
+    def drain(self, held: RequestOutput, boundaries: frozenset[int]) -> tuple[RequestOutput, BaseException | None]:
+        """`held` merged with the outputs queued behind it, up to one that ends a merge, and an
+        error queued after them."""
+        outputs = [held]
+        while not _ends_merge(outputs[-1], boundaries) and not self.outputs.empty():
+            item = self.outputs.get_nowait()
+            if isinstance(item, BaseException):
+                return RequestOutput.merge(outputs), item
+            outputs.append(item)
+        return RequestOutput.merge(outputs), None
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0) -> None:
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -60,7 +92,10 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        images: list[ImageFeatures] | None = None,
-                       image_hashes: list[str] | None = None) -> AsyncIterator[RequestOutput]:
+                       image_hashes: list[str] | None = None,
+                       stream_boundaries: frozenset[int] = frozenset()) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come, coalesced per `stream_interval_s`; an output holding
+        one of `stream_boundaries` ends the output it is merged into."""
         if not self.healthy:
             raise EngineDeadError(f"the engine has stopped: {self.error!r}")
         if params.grammar is not None and self.engine.grammars is not None:
@@ -70,17 +105,31 @@ class AsyncEngine:
                 await asyncio.to_thread(self.engine.grammars.compile, params.grammar)
             except GrammarError as exc:
                 raise RequestError(f"the grammar cannot be compiled: {exc}") from exc
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), asyncio.Event())
         self._streams[request_id] = stream
         self._send(("add", request_id, prompt_token_ids, params, images, image_hashes))
         finished = False
+        sent_at: float | None = None
         try:
             while not finished:
                 item = await stream.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
+                error = None
+                if self.stream_interval_s > 0 and sent_at is not None and not _ends_merge(item, stream_boundaries):
+                    hold = sent_at + self.stream_interval_s - loop.time()
+                    if hold > 0:
+                        try:
+                            await asyncio.wait_for(stream.ended.wait(), hold)
+                        except asyncio.TimeoutError:
+                            pass
+                    item, error = stream.drain(item, stream_boundaries)
                 finished = item.finished
+                sent_at = loop.time()
                 yield item
+                if error is not None:
+                    raise error
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # cancelled (client went away) or failed: free its blocks now

@@ -6,6 +6,7 @@ tensor-parallel group elsewhere); the executor only ever sees `StepInput` messag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -98,6 +99,18 @@ class RequestOutput:
     cached_tokens: int = 0
     queue_time_s: float | None = None  # on a request's first output: wait before its first step
     failure: RequestFailure | None = None  # with finish_reason "error"
+
+    @staticmethod
+    def merge(outputs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive outputs of one request as one: their new tokens, text and logprobs joined, the
+        counts and the ending as of the last, the queue time as of the first."""
+        if len(outputs) == 1:
+            return outputs[0]
+        first, last = outputs[0], outputs[-1]
+        return dataclasses.replace(last, token_ids=[t for o in outputs for t in o.token_ids],
+                                   text="".join(o.text for o in outputs),
+                                   logprobs=[lp for o in outputs for lp in o.logprobs],
+                                   queue_time_s=first.queue_time_s)
 
 
 @dataclass
