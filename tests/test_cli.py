@@ -11,12 +11,13 @@ def test_flags_override_config(tmp_path, monkeypatch):
         "--model", "/models/x", "--tensor-parallel-size", "8", "--device", "cuda", "--dtype", "bfloat16",
         "--vision-replicas", "auto", "--vision-max-replicas", "6", "--max-model-len", "32768",
         "--max-images", "4", "--api-key", "k1", "--api-key", "k2", "--served-model-name", "pixtral-large-2411",
-        "--model-alias", "pixtral-large-latest"]))
+        "--model-alias", "pixtral-large-latest", "--stream-interval-ms", "0"]))
     assert cfg.model == "/models/x" and cfg.decoder.tensor_parallel_size == 8
     assert (cfg.device, cfg.dtype, cfg.max_model_len) == ("cuda", "bfloat16", 32768)
     assert cfg.vision.num_replicas == "auto" and cfg.vision.max_replicas == 6
     assert cfg.images.max_images == 4 and cfg.api_keys == ["k1", "k2"]
     assert cfg.model_names == ["pixtral-large-2411", "pixtral-large-latest"]
+    assert cfg.decoder.stream_interval_ms == 0
 
 
 def test_no_model_means_the_cached_tiny_demo(tmp_path, monkeypatch):
@@ -49,3 +50,14 @@ def test_cuda_defaults_to_bf16_and_accounts_for_every_gpu():
     assert cpu.dtype == "float32" and vision_options(cpu)["ray_actor_options"]["num_gpus"] == 0
     assert cpu.decoder.cuda_graph_batch_sizes == []
     assert [b.get("GPU", 0) for b in decoder_bundles(cpu)] == [0]
+
+
+def test_stream_interval_is_checked():
+    import pytest
+
+    from serving.config import AppConfig
+
+    assert AppConfig.from_dict({"model": "/m"}).decoder.stream_interval_ms == 50
+    for bad in (-1, 5000, "fast"):
+        with pytest.raises(ValueError, match="stream_interval_ms must be between 0 and 1000"):
+            AppConfig.from_dict({"model": "/m", "decoder": {"stream_interval_ms": bad}})
