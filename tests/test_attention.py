@@ -110,3 +110,42 @@ def test_no_cache_equals_reference(backend, compiled, monkeypatch):
     for lo, n in zip([0, 5, 6], lens):
         torch.testing.assert_close(out[lo:lo + n], reference(q[lo:lo + n], k[lo:lo + n], v[lo:lo + n]),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_page_lists_follow_their_definition():
+    """host_sections works from each sequence's run of packed tokens; this is the definition it
+    must match, token by token: a query block reads, for each sequence it holds, the pages up to
+    its last position there, and when it holds one sequence alone, the pages wholly before that
+    sequence's first position there as whole blocks."""
+    rng = random.Random(0)
+    for _ in range(300):
+        block_size = rng.choice([1, 4, 16])
+        query_lens, context_lens, tables, next_page = [], [], [], 0
+        for _ in range(rng.randint(1, 8)):
+            q = 1 if rng.random() < 0.4 else rng.randint(2, 400)
+            query_lens.append(q)
+            context_lens.append(q + rng.randint(0, 300))
+            pages = -(-context_lens[-1] // block_size)
+            tables.append(list(range(next_page, next_page + pages)))
+            next_page += pages
+            if len(tables) > 1 and rng.random() < 0.3:
+                tables[-1][0] = tables[-2][0]  # a prefix page shared with the sequence before
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        sections, width = flex_paged.host_sections(query_lens, context_lens, tables, block_size, starts)
+        prefills = sections["flex_prefill_seqs"]
+        owners = list(zip(sections["flex_q_seq"], sections["flex_q_pos"]))
+        for b, lo in enumerate(range(0, len(owners), flex_paged.Q_BLOCK)):
+            block = owners[lo:lo + flex_paged.Q_BLOCK]
+            seqs = list(dict.fromkeys(s for s, _ in block))
+            full, part = [], []
+            for s in seqs:
+                positions = [p for t, p in block if t == s]
+                n_full = (positions[0] + 1) // block_size if len(seqs) == 1 else 0
+                full += tables[prefills[s]][:n_full]
+                part += tables[prefills[s]][n_full:positions[-1] // block_size + 1]
+            part = list(dict.fromkeys(part))
+            row = slice(b * width, (b + 1) * width)
+            assert sections["flex_full_num"][b] == len(full) and sections["flex_full_idx"][row][:len(full)] == full
+            assert sections["flex_part_num"][b] == len(part) and sections["flex_part_idx"][row][:len(part)] == part

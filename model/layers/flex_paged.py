@@ -68,23 +68,30 @@ def host_sections(query_lens: list[int], context_lens: list[int], block_tables: 
                 "flex_q_seq": [s for s, i in enumerate(prefills) for _ in range(query_lens[i])],
                 "flex_q_pos": [p for i in prefills for p in range(context_lens[i] - query_lens[i], context_lens[i])],
                 "flex_prefill_pages": [-(-context_lens[i] // block_size) for i in prefills]}
-    # one row of pages per query block of the packed prefill tokens
-    owners = list(zip(sections["flex_q_seq"], sections["flex_q_pos"]))
+    # one row of pages per query block of the packed prefill tokens, from each sequence's run of
+    # packed tokens (offsets) rather than token by token: a chunk of 8k tokens is 64 blocks
+    offsets = [0]
+    for i in prefills:
+        offsets.append(offsets[-1] + query_lens[i])
     full_rows, part_rows = [], []
-    for lo in range(0, len(owners), Q_BLOCK):
-        block = owners[lo:lo + Q_BLOCK]
-        first: dict[int, int] = {}  # sequence -> its first and last position in this block
-        last: dict[int, int] = {}
-        for s, p in block:
-            first.setdefault(s, p)
-            last[s] = p
-        whole = len(first) == 1
+    s0 = 0  # the first sequence with tokens in the block
+    for lo in range(0, offsets[-1], Q_BLOCK):
+        hi = min(lo + Q_BLOCK, offsets[-1])
+        while offsets[s0 + 1] <= lo:
+            s0 += 1
+        spans = []  # (sequence, its first and last position in this block)
+        s = s0
+        while s < len(prefills) and offsets[s] < hi:
+            shift = context_lens[prefills[s]] - query_lens[prefills[s]] - offsets[s]  # packed index -> position
+            spans.append((s, shift + max(lo, offsets[s]), shift + min(hi, offsets[s + 1]) - 1))
+            s += 1
+        whole = len(spans) == 1
         full, part = [], []
-        for s in first:
+        for s, first, last in spans:
             table = block_tables[prefills[s]]
-            n_full = (first[s] + 1) // block_size if whole else 0  # pages every query of the block sees whole
+            n_full = (first + 1) // block_size if whole else 0  # pages every query of the block sees whole
             full += table[:n_full]
-            part += table[n_full:last[s] // block_size + 1]
+            part += table[n_full:last // block_size + 1]
         full_rows.append(full)
         part_rows.append(list(dict.fromkeys(part)))  # a page shared by two sequences is read once
     width = max([len(r) for r in full_rows + part_rows] + [1])
