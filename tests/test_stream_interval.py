@@ -94,3 +94,32 @@ def test_an_error_comes_after_the_tokens_made_before_it():
     merged, error = asyncio.run(main())
     assert (merged.token_ids, merged.text, merged.completion_tokens) == ([10, 11, 12], "t0t1t2", 3)
     assert isinstance(error, RuntimeError)
+
+
+def test_a_stream_cancelled_while_held_frees_its_request(mistral_12b, model, prompt):
+    """A client that leaves while its tokens wait for the interval aborts the request as before."""
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    engine = AsyncEngine(build_local_engine(mistral_12b, model=model, num_blocks=64), stream_interval_s=5.0)
+
+    async def leave_early() -> None:
+        outputs = engine.generate("r", prompt, params)
+        await anext(outputs)  # the first output, at once
+        waiting = asyncio.ensure_future(anext(outputs))  # now held for the interval
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await outputs.aclose()
+        for _ in range(100):  # the engine thread takes the abort at its next step
+            if not engine.engine.has_unfinished:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the request was not aborted")
+
+    try:
+        asyncio.run(leave_early())
+        stats = engine.engine.stats()
+        assert stats.running == 0 and engine.healthy
+        assert stats.generation_tokens < 300  # stopped early, not run to its 400 tokens
+    finally:
+        engine.shutdown()
