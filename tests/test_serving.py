@@ -252,11 +252,12 @@ def test_required_tool_call_over_http(client):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
-    # streamed as OpenAI does: the call's id and name first, then its arguments in fragments, and
-    # no tool-call syntax in any content delta
+    # streamed as OpenAI does: the call's id and name first, then its arguments as they come (how
+    # many fragments depends on the decoder's stream interval and the machine's speed; the
+    # fragmenting itself is tests/test_tools.py's), and no tool-call syntax in any content delta
     chunks = list(client.chat.completions.create(**ask, stream=True))
     streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert streamed[0].id and streamed[0].function.name == "get_weather" and len(streamed) > 2
+    assert streamed[0].id and streamed[0].function.name == "get_weather"
     assert all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in streamed[1:])
     assert "".join(tc.function.arguments or "" for tc in streamed) == call.function.arguments
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
