@@ -234,9 +234,10 @@ class ServedModel:
     def starts_tool_call(self, body: ChatCompletionRequest, out: RequestOutput) -> bool:
         """This output carries [TOOL_CALLS]: the model starts its calls (with tools offered). Its
         text is content; the decoder never merges later tokens into it (`stream_boundaries`)."""
-        return body.tool_mode not in (None, "none") and self.tokenizer.tool_calls_token in out.token_ids
+        return not self.stream_boundaries(body).isdisjoint(out.token_ids)
 
     def stream_boundaries(self, body: ChatCompletionRequest) -> frozenset[int]:
+        """[TOOL_CALLS] when tools are offered: where a choice's content ends and its calls begin."""
         token = self.tokenizer.tool_calls_token
         return frozenset([token]) if body.tool_mode not in (None, "none") and token is not None else frozenset()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from serving.cli import config_from_args, parse_args
 
 
@@ -53,8 +55,6 @@ def test_cuda_defaults_to_bf16_and_accounts_for_every_gpu():
 
 
 def test_stream_interval_is_checked():
-    import pytest
-
     from serving.config import AppConfig
 
     assert AppConfig.from_dict({"model": "/m"}).decoder.stream_interval_ms == 50
