@@ -149,3 +149,43 @@ def test_prefill_page_lists_follow_their_definition():
             row = slice(b * width, (b + 1) * width)
             assert sections["flex_full_num"][b] == len(full) and sections["flex_full_idx"][row][:len(full)] == full
             assert sections["flex_part_num"][b] == len(part) and sections["flex_part_idx"][row][:len(part)] == part
+
+
+def test_decode_kernel_sees_one_shape_per_bucket_of_rows(monkeypatch):
+    """Decode steps of 1 to 9 sequences reach the decode kernel with 1, 2, 4, 8 or 16 rows, and
+    static page lists as wide as the cache, so its compiled form meets at most one shape per
+    power-of-two bucket and never reaches Dynamo's recompile limit (past which eager FlexAttention,
+    scoring every slot of the cache, would run). The rows past the step's sequences read no page,
+    and each sequence's output still equals the reference."""
+    monkeypatch.setattr(flex_paged, "COMPILE", False)
+    shapes = set()
+    real_kernel = flex_paged.kernel
+
+    def recording(q, k, v, block_mask, scale, kind="prefill"):
+        tensors = (q, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                   block_mask.full_kv_indices)
+        shapes.add((kind,) + tuple(tuple(t.shape) for t in tensors))
+        if kind == "decode":
+            rows = q.shape[0]
+            live = (block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).flatten()
+            assert rows == flex_paged.decode_rows(rows) and (live[n:] == 0).all() and (live[:n] > 0).all()
+        return real_kernel(q, k, v, block_mask, scale, kind)
+
+    monkeypatch.setattr(flex_paged, "kernel", recording)
+    torch.manual_seed(3)
+    pages = 48
+    cache = KVCache(torch.randn(pages, BLOCK, KV_HEADS, DIM), torch.randn(pages, BLOCK, KV_HEADS, DIM))
+    flat_k, flat_v = cache.k.view(-1, KV_HEADS, DIM), cache.v.view(-1, KV_HEADS, DIM)
+    for n in range(1, 10):
+        lens = [1 + (5 * i + n) % 17 for i in range(n)]  # contexts of 1-17 tokens, on distinct pages
+        tables = [[5 * i + j for j in range(-(-c // BLOCK))] for i, c in enumerate(lens)]
+        meta = AttentionMetadata.build([1] * n, lens, tables, BLOCK, torch.device("cpu"), backend="flex")
+        q = torch.randn(n, HEADS, DIM)
+        slots = [[t[p // BLOCK] * BLOCK + p % BLOCK for p in range(c)] for t, c in zip(tables, lens)]
+        last_k = torch.stack([flat_k[s[-1]] for s in slots])  # the step writes each sequence's last key again
+        last_v = torch.stack([flat_v[s[-1]] for s in slots])
+        out = causal_attention(q, last_k, last_v, meta, cache, DIM ** -0.5)
+        for i, s in enumerate(slots):
+            torch.testing.assert_close(out[i:i + 1], reference(q[i:i + 1], flat_k[s], flat_v[s]), atol=1e-5, rtol=1e-5)
+    assert {s[1][0] for s in shapes} == {1, 2, 4, 8, 16}
+    assert len(shapes) == 5 and all(s[0] == "decode" and s[3][-1] == pages for s in shapes)

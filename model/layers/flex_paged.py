@@ -39,22 +39,50 @@ Q_BLOCK = 128  # queries per block of the prefill mask (FlexAttention's default 
 COMPILE = True
 
 
+# Dynamo compiles a function again for each new set of static shapes, up to its recompile limit
+# (8 by default); past it, the call silently runs eager FlexAttention, which scores every slot of the
+# cache. The decode kernel sees one shape per power-of-two bucket of rows (`decode_rows`): 16
+# buckets cover 32k sequences.
+RECOMPILE_LIMIT = 16
+
+
+def _decode_attention(q, k, v, block_mask, scale, enable_gqa, kernel_options):
+    """flex_attention under a code object of its own, so that decode has its own Dynamo cache."""
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                          kernel_options=kernel_options)
+
+
 @functools.cache
-def _compiled_kernel(device_type: str):
-    # Steps vary in shape, so CUDA compiles for dynamic sizes after the first recompile (the
-    # default). The CPU kernel template fails to build with dynamic sizes (PyTorch 2.13), so CPU
-    # compiles each shape as it comes.
+def _compiled_kernel(kind: str, device_type: str):
+    """Decode and prefill compile apart, each with its own Dynamo cache and recompile count.
+
+    Decode compiles static shapes everywhere: its calls come in a few bucketed shapes, and Inductor
+    picks its flex-decoding kernel (split over the keys, a GQA group's query heads sharing one read
+    of the cache) only for a static batch. Prefill varies freely in length, so CUDA compiles it
+    for dynamic sizes after the first recompile (the default); the CPU kernel template fails to
+    build with dynamic sizes (PyTorch 2.13), so CPU compiles each prefill shape as it comes."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if kind == "decode":
+        return torch.compile(_decode_attention, dynamic=False)
     return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
-def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float) -> torch.Tensor:
-    fn = _compiled_kernel(q.device.type) if COMPILE else flex_attention
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
+           kind: str = "prefill") -> torch.Tensor:
+    fn = _compiled_kernel(kind, q.device.type) if COMPILE else flex_attention
     options = None
     if q.device.type == "cuda" and block_mask.BLOCK_SIZE[1] < 64:
-        # The prefill kernel's tile of keys must divide a KV block (a page); its default tiles are 64+.
+        # The kernels' tile of keys must divide a KV block (a page); the prefill kernel's default tiles are 64+.
         options = {"BLOCK_N": block_mask.BLOCK_SIZE[1]}
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
               kernel_options=options)
+
+
+def decode_rows(n: int) -> int:
+    """The rows a decode kernel call runs with: `n` rounded up to a power of two. The extra rows read
+    no pages (their output is zero and dropped), so they cost almost nothing, and the compiled
+    decode kernel meets at most one static shape per bucket."""
+    return 1 << (n - 1).bit_length()
 
 
 def host_sections(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -124,17 +152,21 @@ class FlexLayout:
                 self._masks["prefill"] = self._prefill_mask(cache_blocks)
         return self._masks
 
-    def _columns(self, indices: torch.Tensor, cache_blocks: int) -> torch.Tensor:
-        """Page lists as int32; on CPU padded to the whole cache, the width its kernel asks for."""
-        if indices.device.type == "cpu":
+    def _columns(self, indices: torch.Tensor, cache_blocks: int, whole: bool = False) -> torch.Tensor:
+        """Page lists as int32, padded to the whole cache where `whole` or on CPU (the width CPU's
+        kernel asks for; a static width for the decode kernel's static shapes)."""
+        if whole or indices.device.type == "cpu":
             indices = F.pad(indices, (0, cache_blocks - indices.shape[-1]))
         return indices.to(torch.int32).contiguous()
 
     def _decode_mask(self, cache_blocks: int) -> tuple[torch.Tensor, BlockMask]:
+        """The decode rows' mask, over `decode_rows` rows: the rows past the step's sequences have
+        no pages."""
         seqs = self.on_device["flex_decode_seqs"]
-        bs = self.block_size
-        lens, tables = self.seq_lens[seqs], self.block_tables[seqs]
-        pages = (lens + bs - 1) // bs
+        bs, extra = self.block_size, decode_rows(seqs.shape[0]) - seqs.shape[0]
+        lens = F.pad(self.seq_lens[seqs], (0, extra))
+        tables = F.pad(self.block_tables[seqs], (0, 0, 0, extra))
+        pages = (lens + bs - 1) // bs  # 0 for the extra rows
         logical = _logical_pages(tables, pages, cache_blocks)
 
         def in_context(b, h, q_idx, kv_idx):
@@ -142,10 +174,10 @@ class FlexLayout:
             return (place >= 0) & (place * bs + kv_idx % bs < lens[b])
 
         mask = BlockMask.from_kv_blocks(
-            torch.ones_like(pages)[:, None, None].to(torch.int32),
-            self._columns(tables.gather(1, (pages - 1)[:, None])[:, None, None, :], cache_blocks),
-            (pages - 1)[:, None, None].to(torch.int32),
-            self._columns(tables[:, None, None, :], cache_blocks),
+            (pages > 0)[:, None, None].to(torch.int32),  # the last page, masked to the context length
+            self._columns(tables.gather(1, (pages - 1).clamp(min=0)[:, None])[:, None, None, :], cache_blocks, True),
+            (pages - 1).clamp(min=0)[:, None, None].to(torch.int32),  # the pages before it, whole
+            self._columns(tables[:, None, None, :], cache_blocks, True),
             BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=in_context, seq_lengths=(1, cache_blocks * bs),
             compute_q_blocks=False)
         return self.query_start_loc[seqs], mask
@@ -191,11 +223,13 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
     masks = layout.masks(keys.shape[0])
     if "decode" in masks:
         rows, mask = masks["decode"]
-        out[rows] = kernel(q[rows][:, :, None, :], cache_k, cache_v, mask, scale)[:, :, 0, :]
+        n = rows.shape[0]
+        padded = F.pad(q[rows], (0, 0, 0, 0, 0, decode_rows(n) - n))  # (rows, h, d): zero queries past n
+        out[rows] = kernel(padded[:, :, None, :], cache_k, cache_v, mask, scale, "decode")[:n, :, 0, :]
     if "prefill" in masks:
         rows, mask = masks["prefill"]
         packed = q[rows].transpose(0, 1)[None]  # (1, h, P, d)
-        out[rows] = kernel(packed, cache_k, cache_v, mask, scale)[0].transpose(0, 1)
+        out[rows] = kernel(packed, cache_k, cache_v, mask, scale, "prefill")[0].transpose(0, 1)
     return out
 
 
