@@ -26,6 +26,7 @@ on the device, once per step, on the first layer's call.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +40,10 @@ Q_BLOCK = 128  # queries per block of the prefill mask (FlexAttention's default 
 COMPILE = True
 
 
-# Dynamo compiles a function again for each new set of static shapes, up to its recompile limit
+# Dynamo compiles a function again for each new set of static shapes, up to a recompile limit
 # (8 by default); past it, the call silently runs eager FlexAttention, which scores every slot of the
-# cache. The decode kernel sees one shape per power-of-two bucket of rows (`decode_rows`): 16
-# buckets cover 32k sequences.
+# cache. Each kernel gets this limit: the decode kernel sees one shape per power-of-two bucket of
+# rows (`decode_rows`), and 16 buckets cover 32k sequences.
 RECOMPILE_LIMIT = 16
 
 
@@ -61,10 +62,12 @@ def _compiled_kernel(kind: str, device_type: str):
     of the cache) only for a static batch. Prefill varies freely in length, so CUDA compiles it
     for dynamic sizes after the first recompile (the default); the CPU kernel template fails to
     build with dynamic sizes (PyTorch 2.13), so CPU compiles each prefill shape as it comes."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    if kind == "decode":
-        return torch.compile(_decode_attention, dynamic=False)
-    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+    options = {"dynamic": False if kind == "decode" or device_type == "cpu" else None}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        options["recompile_limit"] = RECOMPILE_LIMIT
+    else:  # older PyTorch has only the process-wide limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(_decode_attention if kind == "decode" else flex_attention, **options)
 
 
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
