@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,48 @@ def pixtral_12b_args(small: bool) -> ModelArgs:
         vision.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
         text.update(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=4096)
     return ModelArgs(**text, vision_encoder=VisionEncoderArgs(**vision))
+
+
+class CompileReport(logging.Handler):
+    """What torch.compile did during the run, from PyTorch's own log records: which FlexAttention
+    kernel each compile chose (Inductor's flex-decoding kernel or its general one) and whether any
+    function hit Dynamo's recompile limit, past which it would run eagerly (it must not)."""
+
+    SOURCES = ("torch._inductor.kernel.flex.flex_decoding", "torch._dynamo.convert_frame")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.decoding = self.general = self.limit_hits = 0
+        self.levels: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("Use flex decoding"):
+            if text.startswith("Use flex decoding True"):
+                self.decoding += 1
+            else:
+                self.general += 1
+        elif "hit config." in text and "recompile_limit" in text:
+            self.limit_hits += 1
+
+    def __enter__(self) -> "CompileReport":
+        for name in self.SOURCES:
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            self.levels[name] = logger.level
+            if name.endswith("flex_decoding"):
+                logger.setLevel(logging.DEBUG)  # the kernel choice is logged at debug level
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.SOURCES:
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.setLevel(self.levels[name])
+
+    def summary(self) -> dict:
+        return dict(flex_decoding_kernels=self.decoding, flex_general_kernels=self.general,
+                    recompile_limit_hits=self.limit_hits)
 
 
 @dataclass
@@ -195,8 +238,9 @@ def main() -> None:
     print(f"{'small shape' if ns.small else 'Pixtral-12B shape'}, {dtype}, on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; floors from {peaks.source}: "
           f"{peaks.bandwidth / 1e12:.3g} TB/s, {peaks.flops / 1e12:.3g} TFLOP/s")
-    rows = bench_decode(model, args, device, dtype, peaks, ns.repeat, context)
-    rows.append(bench_prefill(model, args, device, dtype, peaks, ns.repeat, side))
+    with CompileReport() as compiles:
+        rows = bench_decode(model, args, device, dtype, peaks, ns.repeat, context)
+        rows.append(bench_prefill(model, args, device, dtype, peaks, ns.repeat, side))
     rows += bench_vision(model, args, device, dtype, peaks, max(ns.repeat // 3, 1), image_size)
     print(f"{'':34} {'ms':>10} {'floor ms':>10} {'ratio':>7}  detail")
     for r in rows:
@@ -204,9 +248,13 @@ def main() -> None:
         if "how" in r:
             detail = f"ms {detail} ({r['how']})"
         print(f"{r['what']:34} {r['ms']:10.2f} {r['floor_ms']:10.3f} {r['ratio']:6.2f}x  {detail}")
+    report = compiles.summary()
+    print(f"FlexAttention kernels lowered in this run (Inductor's cache skips lowering): "
+          f"{report['flex_decoding_kernels']} flex-decoding, {report['flex_general_kernels']} general; "
+          f"recompile-limit hits: {report['recompile_limit_hits']} (any means an eager fallback)")
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump(dict(device=str(device), peaks=peaks.__dict__, rows=rows), f, indent=1)
+            json.dump(dict(device=str(device), peaks=peaks.__dict__, rows=rows, compiles=report), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.gpu import CompileReport
 from model import load_model
 from model.engine.local_executor import build_local_engine
 from model.engine.model_runner import ImageFeatures, ModelRunner, SeqChunk, StepInput, profile_forward
@@ -58,10 +59,12 @@ def test_bf16_cuda_engine_matches_the_cpu_reference_and_graphs_equal_eager(mistr
     graphs = build_local_engine(mistral_12b, model=cuda_model, num_blocks=256, decode_batch_sizes=[1, 2, 4, 8])
     runner = graphs.executor.runner
     assert runner.attention_backend == "flex" and runner.graphs is not None and runner.graphs.captured
-    with_graphs = tokens_and_logprobs(graphs, reqs, "cuda")
+    with CompileReport() as compiles:
+        with_graphs = tokens_and_logprobs(graphs, reqs, "cuda")
+        eager = tokens_and_logprobs(build_local_engine(mistral_12b, model=cuda_model, num_blocks=256), reqs, "cuda")
     assert_close_runs(with_graphs, reference, atol=0.05)
-    eager = tokens_and_logprobs(build_local_engine(mistral_12b, model=cuda_model, num_blocks=256), reqs, "cuda")
     assert_close_runs(eager, with_graphs, atol=0.02)
+    assert compiles.limit_hits == 0  # no kernel fell back to eager FlexAttention
 
 
 def full_size_model(**text_overrides):
@@ -131,6 +134,7 @@ def test_the_gpu_benchmark_runs_small_on_cpu():
             rows[found.group(1)] = ratio
     assert sorted(rows) == sorted(["decode batch 1 x 80 ctx", "decode batch 8 x 80 ctx", "decode batch 32 x 80 ctx",
                                    "prefill 1 image (83 tokens)", "vision 1 x 128x128", "vision 8 x 128x128"])
+    assert "recompile-limit hits: 0 " in done.stdout
     imports = subprocess.run([sys.executable, "-c", "import sys, benchmarks.gpu; print('ray' in sys.modules)"],
                              capture_output=True, text=True)
     assert imports.stdout.strip() == "False"
