@@ -5,6 +5,7 @@ boundary token, and an error after the tokens made before it."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -123,3 +124,40 @@ def test_a_stream_cancelled_while_held_frees_its_request(mistral_12b, model, pro
         assert stats.generation_tokens < 800  # stopped early, not run to its 900 tokens
     finally:
         engine.shutdown()
+
+
+def test_queue_time_counts_the_wait_for_the_running_step(mistral_12b, model, prompt):
+    """A request that arrives while a step runs waits for that step before the engine thread takes
+    it; `queue_time_s` (the pixtral_queue_time_seconds metric) counts that wait."""
+    engine = AsyncEngine(build_local_engine(mistral_12b, model=model, num_blocks=64))
+    inside, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def step():
+        if not release.is_set():
+            inside.set()
+            release.wait(10)
+        return real_step()
+
+    engine.engine.step = step
+
+    async def main() -> RequestOutput:
+        first = engine.generate("a", prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        running = asyncio.ensure_future(anext(first))
+        await asyncio.to_thread(inside.wait, 10)  # the engine thread is now inside a step
+        second = engine.generate("b", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        arrived = asyncio.ensure_future(anext(second))
+        await asyncio.sleep(0.3)
+        release.set()
+        out = await arrived
+        await running
+        await first.aclose()
+        await second.aclose()
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        release.set()
+        engine.shutdown()
+    assert out.queue_time_s is not None and out.queue_time_s >= 0.3

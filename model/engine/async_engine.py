@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -108,7 +109,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), asyncio.Event())
         self._streams[request_id] = stream
-        self._send(("add", request_id, prompt_token_ids, params, images, image_hashes))
+        # the engine thread takes the request at its next step; its queue time starts now
+        self._send(("add", request_id, prompt_token_ids, params, images, image_hashes, time.monotonic()))
         finished = False
         sent_at: float | None = None
         try:
@@ -178,9 +180,9 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort(command[1])
                 continue
-            _, request_id, tokens, params, images, hashes = command
+            _, request_id, tokens, params, images, hashes, arrival = command
             try:
-                self.engine.add_request(request_id, tokens, params, images, hashes)
+                self.engine.add_request(request_id, tokens, params, images, hashes, arrival)
             except Exception as exc:  # noqa: BLE001 - a malformed request is refused, alone
                 stream = self._streams.get(request_id)
                 if stream is not None:

@@ -160,7 +160,11 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    images: list[ImageFeatures] | None = None, image_hashes: list[str] | None = None) -> None:
+                    images: list[ImageFeatures] | None = None, image_hashes: list[str] | None = None,
+                    arrival_time: float | None = None) -> None:
+        """`arrival_time` (time.monotonic()): when the request reached the engine's caller, if it
+        waited before this call (AsyncEngine's requests wait for the running step); its queue time
+        counts from there."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
@@ -187,6 +191,8 @@ class LLMEngine:
         images = images or []
         spans = self._image_spans(prompt_token_ids, images, image_hashes or [str(i) for i in range(len(images))])
         seq = Sequence(request_id, list(prompt_token_ids), params, spans)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         # stop strings apply to free text, never inside grammar-constrained output (they would cut the JSON)
         from_start = params.grammar is not None and params.grammar_trigger is None
         self.requests[request_id] = _Request(
