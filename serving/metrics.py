@@ -23,7 +23,7 @@ DEFINITIONS = {
     "pixtral_request_latency_seconds": ("histogram", "End-to-end chat completion latency", LATENCY_BUCKETS, ()),
     "pixtral_time_to_first_token_seconds": ("histogram", "Time from request arrival to the first token", LATENCY_BUCKETS, ()),
     "pixtral_inter_token_latency_seconds": ("histogram", "Time between streamed tokens (an output's gap spread over its tokens)", TOKEN_LATENCY_BUCKETS, ()),
-    "pixtral_queue_time_seconds": ("histogram", "Time a request waited in the engine before its first step", LATENCY_BUCKETS, ()),
+    "pixtral_queue_time_seconds": ("histogram", "Time a request waited in the decoder replica before its first step (the running step included)", LATENCY_BUCKETS, ()),
     "pixtral_prompt_tokens_total": ("counter", "Prompt tokens (text and image) of finished requests", None, ()),
     "pixtral_generation_tokens_total": ("counter", "Generated tokens", None, ()),
     "pixtral_image_tokens_total": ("counter", "Image tokens ([IMG], [IMG_BREAK], [IMG_END]) in prompts", None, ()),
