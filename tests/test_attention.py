@@ -101,8 +101,10 @@ def test_paged_mixed_batch_equals_reference(backend, compiled, shared_prefix, mo
 
 @pytest.mark.parametrize("backend,compiled", [("torch", False), ("flex", False), ("flex", True)])
 def test_no_cache_equals_reference(backend, compiled, monkeypatch):
-    """Without a cache (the profiling pass's forward): each sequence causal over its own tokens."""
+    """Without a cache (the profiling pass's forward): each sequence causal over its own tokens.
+    The flex backend uses blocks of 4 here, so that sequences span blocks and share them."""
     monkeypatch.setattr(flex_paged, "COMPILE", compiled)
+    monkeypatch.setattr(flex_paged, "Q_BLOCK", 4)
     torch.manual_seed(1)
     lens = [5, 1, 9]
     q, k, v = torch.randn(15, HEADS, DIM), torch.randn(15, KV_HEADS, DIM), torch.randn(15, KV_HEADS, DIM)

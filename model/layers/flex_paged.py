@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 Q_BLOCK = 128  # queries per block of the prefill mask (FlexAttention's default block)
 
@@ -239,14 +239,29 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int],
                             scale: float) -> torch.Tensor:
     """Without a cache (the profiling pass): each sequence of the packed batch attends causally to
-    its own new tokens."""
-    doc = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device),
-                                  torch.tensor(query_lens, device=q.device))
+    its own new tokens.
+
+    The block lists are made on the host: a query block reads the key blocks from the one holding
+    the start of its first token's sequence up to itself. `create_block_mask` would evaluate the
+    mask at every (query, key) pair instead, about 0.7 GB at 8,192 tokens, which the profiling
+    pass would count as activation memory and take from the KV cache."""
+    t = q.shape[0]
+    owner, first_token = [], []  # per token: its sequence, and where that sequence starts
+    for seq, n in enumerate(query_lens):
+        owner += [seq] * n
+        first_token += [len(first_token)] * n
+    firsts = [first_token[lo] // Q_BLOCK for lo in range(0, t, Q_BLOCK)]  # per query block: its first key block
+    n_blocks = len(firsts)
+    blocks = [list(range(first, b + 1)) for b, first in enumerate(firsts)]
+    host = torch.tensor(owner + [len(r) for r in blocks] + [i for r in blocks for i in r + [0] * (n_blocks - len(r))])
+    doc, counts, indices = host.to(q.device).split([t, n_blocks, n_blocks * n_blocks])  # one copy
 
     def same_seq_causal(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
 
-    t = q.shape[0]
-    mask = create_block_mask(same_seq_causal, None, None, t, t, device=q.device)
+    mask = BlockMask.from_kv_blocks(counts.to(torch.int32)[None, None],
+                                    indices.to(torch.int32).view(1, 1, n_blocks, n_blocks),
+                                    BLOCK_SIZE=Q_BLOCK, mask_mod=same_seq_causal, seq_lengths=(t, t),
+                                    compute_q_blocks=False)
     out = kernel(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, scale)
     return out[0].transpose(0, 1)
