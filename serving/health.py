@@ -15,44 +15,62 @@ import time
 from collections.abc import Callable
 
 
+def model_readiness(running: dict[str, int], models: dict[str, list[str]]) -> dict[str, str]:
+    """Each model's readiness from its deployments' running replica counts: "ok", or why not."""
+    verdict = {}
+    for model, deployments in models.items():
+        down = [name for name in deployments if not running.get(name, 0)]
+        verdict[model] = f"{down[0]} has no running replica" if down else "ok"
+    return verdict
+
+
 class Readiness:
-    def __init__(self, app_name: str, deployments: list[str], ttl_s: float = 2.0, timeout_s: float = 5.0) -> None:
-        self.app_name, self.deployments = app_name, deployments
+    """`models`: each served model's deployments (its vision pool and decoder). The app is ready
+    while any model is: with several models, one model's outage (a decoder pod being replaced)
+    must not take the others out of the load balancer. `get(model)` answers for one model."""
+
+    def __init__(self, app_name: str, models: dict[str, list[str]], ttl_s: float = 2.0,
+                 timeout_s: float = 5.0) -> None:
+        self.app_name, self.models = app_name, models
         self.ttl_s, self.timeout_s = ttl_s, timeout_s
-        self._value: tuple[bool, str] | None = None
+        self._value: dict[str, str] | str | None = None  # per model, or why the whole app is not ready
         self._at = 0.0
         self._refresh: asyncio.Task | None = None
 
-    async def get(self) -> tuple[bool, str]:
-        """(ready, why not): the cached answer, refreshed in the background when it is stale."""
+    async def get(self, model: str | None = None) -> tuple[bool, str, dict[str, str]]:
+        """(ready, why not, each model's readiness) for the app or for `model`: the cached answer,
+        refreshed in the background when it is stale."""
         if time.monotonic() - self._at > self.ttl_s and (self._refresh is None or self._refresh.done()):
             self._refresh = asyncio.ensure_future(self._update())
         if self._value is None:  # the first probe waits for the first answer
             try:
                 await asyncio.wait_for(asyncio.shield(self._refresh), self.timeout_s)
             except asyncio.TimeoutError:
-                return False, "Serve's controller did not answer"
-        return self._value
+                return False, "Serve's controller did not answer", {}
+        if isinstance(self._value, str):
+            return False, self._value, {}
+        models = self._value
+        if model is not None:
+            return models[model] == "ok", models[model], models
+        if any(v == "ok" for v in models.values()):
+            return True, "ok", models
+        return False, "; ".join(f"{m}: {why}" for m, why in models.items()), models
 
     async def _update(self) -> None:
         try:
             self._value = await asyncio.wait_for(asyncio.to_thread(self._ask_controller), self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - not ready until the controller answers
-            self._value = False, f"cannot read Serve's status: {type(exc).__name__}"
+            self._value = f"cannot read Serve's status: {type(exc).__name__}"
         self._at = time.monotonic()
 
-    def _ask_controller(self) -> tuple[bool, str]:
+    def _ask_controller(self) -> dict[str, str] | str:
         from ray import serve
 
         app = serve.status().applications.get(self.app_name)
         if app is None:
-            return False, f"application {self.app_name!r} is not deployed"
-        for name in self.deployments:
-            deployment = app.deployments.get(name)
-            running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-            if not running:
-                return False, f"{name} has no running replica"
-        return True, "ok"
+            return f"application {self.app_name!r} is not deployed"
+        running = {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+        return model_readiness(running, self.models)
 
 
 class LoopLagMonitor:

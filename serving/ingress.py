@@ -254,7 +254,9 @@ class OpenAIIngress:
         # the app-wide settings (api_keys, max_body_bytes, ingress) are the same in every config
         self.cfg = self.models[0].cfg
         self.tags = {"model": os.environ.get(MODEL_NAME_ENV, "")}  # this replica's own metrics
-        self.readiness = Readiness(serve.get_replica_context().app_name, [p.deployment_name for p in pools])
+        self.readiness = Readiness(serve.get_replica_context().app_name,
+                                   {m.cfg.served_model_name: [m.vision.deployment_name, m.decoder.deployment_name]
+                                    for m in self.models})
         self.loop_lag = LoopLagMonitor(lambda lag: metric("pixtral_event_loop_lag_seconds").observe(lag, tags=self.tags))
         start_heap_trimmer()  # decoded images are the ingress's large transients
 
@@ -269,17 +271,23 @@ class OpenAIIngress:
                                            for m in self.models for name in m.cfg.model_names]}
 
     @app.get("/health")
-    async def health(self) -> Response:
-        """Readiness: 200 when every model's vision pool and decoder have a running, healthy replica.
+    async def health(self, model: str | None = None) -> Response:
+        """Readiness: 200 while some served model has a running, healthy replica in its vision pool
+        and its decoder (`?model=NAME`: that model), with each model's state in the body.
 
         Read from Serve's controller (its own health checks of every replica) and cached for a
         second or two, so probes never take a queue slot from real traffic, however many arrive.
         """
         self.loop_lag.ensure_started()
-        ready, reason = await self.readiness.get()
+        served = None
+        if model is not None:
+            served = self.by_name.get(model)
+            if served is None:
+                return JSONResponse({"status": "unknown model", "models": sorted(self.by_name)}, status_code=404)
+        ready, reason, models = await self.readiness.get(served.cfg.served_model_name if served else None)
         if not ready:
-            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "unavailable", "reason": reason, "models": models}, status_code=503)
+        return JSONResponse({"status": "ok", "models": models})
 
     @app.get("/health/live")
     async def live(self) -> Response:

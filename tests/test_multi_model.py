@@ -98,6 +98,9 @@ def test_each_model_answers_greedily_as_its_own_engine(two_models, mistral_12b, 
     listed = {m.id: m.model_extra["root"] for m in client.models.list().data}
     assert listed == {"tiny-12b": "tiny-12b", "pixtral-12b-2409": "tiny-12b",
                       "tiny-large": "tiny-large", "pixtral-large-latest": "tiny-large"}
+    health = httpx.get(f"{two_models}/health")  # each model's readiness; ?model= takes an alias too
+    assert health.status_code == 200 and health.json()["models"] == {"tiny-12b": "ok", "tiny-large": "ok"}
+    assert httpx.get(f"{two_models}/health", params={"model": "pixtral-large-latest"}).status_code == 200
     deployments = serve.status().applications["multi"].deployments
     assert set(deployments) == {"OpenAIIngress", "VisionEncoder-tiny-12b", "Decoder-tiny-12b",
                                 "VisionEncoder-tiny-large", "Decoder-tiny-large"}

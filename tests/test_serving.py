@@ -101,7 +101,9 @@ def test_http_greedy_equals_engine(client, mistral_12b):
 
 def test_models_health_and_token_count(served, client):
     assert {m.id for m in client.models.list().data} == {MODEL, "pixtral-12b-2409"}
-    assert httpx.get(f"{served}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{served}/health").json() == {"status": "ok", "models": {MODEL: "ok"}}
+    assert httpx.get(f"{served}/health", params={"model": "pixtral-12b-2409"}).status_code == 200  # an alias
+    assert httpx.get(f"{served}/health", params={"model": "nope"}).status_code == 404
     body = {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "count me"}, image_part(random_image(100, 40, 6))]}]}
     count = httpx.post(f"{served}/v1/chat/token_count", json=body).json()
