@@ -283,7 +283,7 @@ class OpenAIIngress:
         if model is not None:
             served = self.by_name.get(model)
             if served is None:
-                return JSONResponse({"status": "unknown model", "models": sorted(self.by_name)}, status_code=404)
+                return JSONResponse({"status": "unknown model"}, status_code=404)
         ready, reason, models = await self.readiness.get(served.cfg.served_model_name if served else None)
         if not ready:
             return JSONResponse({"status": "unavailable", "reason": reason, "models": models}, status_code=503)
