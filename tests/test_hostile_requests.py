@@ -157,7 +157,7 @@ def test_health_floods_take_no_queue_slots_and_chats_still_answer(served):
 
     responses = asyncio.run(flood())
     probes, chats = responses[:600], responses[600:]
-    assert all(r.status_code == 200 and r.json() == {"status": "ok"} for r in probes), \
+    assert all(r.status_code == 200 and r.json() == {"status": "ok", "models": {MODEL: "ok"}} for r in probes), \
         {r.status_code for r in probes}
     assert all(r.status_code == 200 for r in chats), [r.text[:200] for r in chats if r.status_code != 200]
 
