@@ -81,7 +81,7 @@ def _container(name: str, cpus: int, memory: str, gpus: int, head: bool) -> dict
                          {"name": "dshm", "mountPath": "/dev/shm"}],
         "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
     }
-    if head:  # the head pod is ready only when the whole application answers /health
+    if head:  # the head pod is ready while some model answers /health (its vision pool and decoder run)
         container["readinessProbe"] = {"httpGet": {"path": "/health", "port": 8000},
                                        "initialDelaySeconds": 30, "periodSeconds": 10, "failureThreshold": 6}
     return container
