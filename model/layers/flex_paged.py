@@ -178,7 +178,8 @@ class FlexLayout:
 
         mask = BlockMask.from_kv_blocks(
             (pages > 0)[:, None, None].to(torch.int32),  # the last page, masked to the context length
-            self._columns(tables.gather(1, (pages - 1).clamp(min=0)[:, None])[:, None, None, :], cache_blocks, whole=True),
+            self._columns(tables.gather(1, (pages - 1).clamp(min=0)[:, None])[:, None, None, :], cache_blocks,
+                          whole=True),
             (pages - 1).clamp(min=0)[:, None, None].to(torch.int32),  # the pages before it, whole
             self._columns(tables[:, None, None, :], cache_blocks, whole=True),
             BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=in_context, seq_lengths=(1, cache_blocks * bs),
