@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval-ms", type=float,
                    help="send a stream's tokens to the ingress at most once per this many ms after its first "
                    "(default 50; 0: every step's token as it comes)")
+    p.add_argument("--direct-streams", action=argparse.BooleanOptionalAction, default=None,
+                   help="send the tokens between a stream's first and last to the ingress in one TCP frame per "
+                   "step rather than one Ray message per request (default on; see serving/direct_streams.py)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require this Bearer key (repeat for several; or set PIXTRAL_SERVE_API_KEYS=k1,k2)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs for the local Ray cluster")
@@ -62,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 MODEL_FLAGS = ("model", "tokenizer", "served_model_name", "model_alias", "device", "dtype", "tensor_parallel_size",
                "decoder_replicas", "decoder_min_replicas", "decoder_max_replicas", "vision_replicas",
                "vision_min_replicas", "vision_max_replicas", "vision_gpus", "max_model_len", "max_images",
-               "max_image_pixels", "kv_cache_gb", "stream_interval_ms")
+               "max_image_pixels", "kv_cache_gb", "stream_interval_ms", "direct_streams")
 
 
 def _config_file(ns: argparse.Namespace) -> dict:
@@ -115,7 +118,7 @@ def config_from_args(ns: argparse.Namespace) -> AppConfig:
         "decoder": {"tensor_parallel_size": ns.tensor_parallel_size, "num_replicas": _replicas(ns.decoder_replicas),
                     "min_replicas": ns.decoder_min_replicas, "max_replicas": ns.decoder_max_replicas,
                     "kv_cache_bytes": int(ns.kv_cache_gb * 2**30) if ns.kv_cache_gb else None,
-                    "stream_interval_ms": ns.stream_interval_ms},
+                    "stream_interval_ms": ns.stream_interval_ms, "direct_streams": ns.direct_streams},
         "vision": {"num_replicas": _replicas(ns.vision_replicas), "min_replicas": ns.vision_min_replicas,
                    "max_replicas": ns.vision_max_replicas, "num_gpus": ns.vision_gpus},
         "images": {"max_images": ns.max_images, "max_image_pixels": ns.max_image_pixels},

@@ -95,6 +95,9 @@ class DecoderConfig:
     # per this many ms, each with every token made meanwhile (0: one message per step); see
     # model/engine/async_engine.py
     stream_interval_ms: float = 50.0
+    # outputs between a request's first and last go to its ingress replica in one frame per step
+    # (and per interval) over TCP, not one Serve message each; see serving/direct_streams.py
+    direct_streams: bool = True
     accelerator_type: str | None = None  # e.g. "H100"
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -153,6 +156,8 @@ class AppConfig:
             raise ValueError(f"decoder.cpu_threads must be a positive integer, got {d.cpu_threads!r}")
         if not (isinstance(d.stream_interval_ms, (int, float)) and 0 <= d.stream_interval_ms <= 1000):
             raise ValueError(f"decoder.stream_interval_ms must be between 0 and 1000, got {d.stream_interval_ms!r}")
+        if not isinstance(d.direct_streams, bool):
+            raise ValueError(f"decoder.direct_streams must be true or false, got {d.direct_streams!r}")
         if d.cuda_graph_batch_sizes is None:
             d.cuda_graph_batch_sizes = default_graph_batch_sizes(d.max_num_seqs) if cuda else []
         if not all(isinstance(b, int) and b >= 1 for b in d.cuda_graph_batch_sizes):

@@ -20,6 +20,7 @@ from model.engine.local_executor import KVBudget, build_local_engine
 from model.engine.model_runner import ImageFeatures
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
+from serving.direct_streams import DirectStream, Item, Outboxes
 from serving.health import start_heap_trimmer
 from serving.logs import setup_logging
 from serving.metrics import count, metric
@@ -34,6 +35,8 @@ class GenerateRequest:
     image_hashes: list[str]
     # tokens the decoder's stream interval never merges past (the ingress reads tool calls from [TOOL_CALLS] on)
     stream_boundaries: frozenset[int] = frozenset()
+    # the ingress's mailbox: outputs between the first and the last go there in per-step frames
+    direct: DirectStream | None = None
 
     @property
     def affinity_key(self) -> str:
@@ -78,24 +81,28 @@ class DecoderServer:
                                         pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
                                         decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)
         self.engine = AsyncEngine(engine, stream_interval_s=d.stream_interval_ms / 1000)
+        self.outboxes = Outboxes(interval_s=d.stream_interval_ms / 1000)
         self.tags = {"model": cfg.served_model_name}
-        self._reported = {"preemptions": 0, "prefix_queried_blocks": 0, "prefix_hit_blocks": 0, "failed_requests": 0}
+        self._reported = dict.fromkeys(["preemptions", "prefix_queried_blocks", "prefix_hit_blocks", "failed_requests",
+                                        "direct_frames", "direct_fallbacks"], 0)
         threading.Thread(target=self._report_engine_metrics, name="engine-metrics", daemon=True).start()
         start_heap_trimmer()
 
     def _report_engine_metrics(self) -> None:
         """Gauges every second; counters as the increase since the last report."""
         counters = {"preemptions": "pixtral_preemptions_total", "prefix_queried_blocks": "pixtral_prefix_cache_queries_total",
-                    "prefix_hit_blocks": "pixtral_prefix_cache_hits_total", "failed_requests": "pixtral_request_failures_total"}
+                    "prefix_hit_blocks": "pixtral_prefix_cache_hits_total", "failed_requests": "pixtral_request_failures_total",
+                    "direct_frames": "pixtral_direct_stream_frames_total",
+                    "direct_fallbacks": "pixtral_direct_stream_fallbacks_total"}
         while True:
             stats = self.engine.stats()
             metric("pixtral_kv_cache_usage_ratio").set(stats.kv_usage, tags=self.tags)
             metric("pixtral_running_sequences").set(stats.running, tags=self.tags)
             metric("pixtral_waiting_sequences").set(stats.waiting, tags=self.tags)
+            values = {**vars(stats), "direct_frames": self.outboxes.frames, "direct_fallbacks": self.outboxes.fallbacks}
             for field, name in counters.items():
-                value = getattr(stats, field)
-                count(name, value - self._reported[field], self.tags)
-                self._reported[field] = value
+                count(name, values[field] - self._reported[field], self.tags)
+                self._reported[field] = values[field]
             time.sleep(1.0)
 
     def info(self) -> dict:
@@ -106,10 +113,49 @@ class DecoderServer:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     async def generate(self, request: GenerateRequest, *images: ImageFeatures):
-        """Stream RequestOutputs; the image features arrive straight from the vision pool."""
+        """Stream RequestOutputs; the image features arrive straight from the vision pool. With
+        `request.direct`, each message is a list of sequenced items instead (`_direct`)."""
+        if request.direct is None:
+            async for out in self._outputs(request, list(images)):
+                yield out
+            return
+        async for items in self._direct(request, request.direct, list(images)):
+            yield items
+
+    async def _direct(self, request: GenerateRequest, direct: DirectStream, images: list[ImageFeatures]):
+        """The first output and the last through Serve, the ones between in the mailbox's frames
+        (serving/direct_streams.py). Every Serve message carries each output since the one before
+        it, so the last repairs any frame a failed connection lost. Without a working connection,
+        every output goes through Serve."""
+        conn = self.outboxes.get(direct.mailbox)
+        if conn is None:
+            self.outboxes.fallbacks += 1
+        # a connection coalesces its frames; without one the engine coalesces, as for a plain stream
+        outputs = self._outputs(request, images, 0.0 if conn is not None else None)
+        sent: list[RequestOutput] = []  # every output so far, by sequence number
+        through_serve = 0  # the outputs before this one went through Serve
+        try:
+            async for out in outputs:
+                seq = len(sent)
+                sent.append(out)
+                if seq > 0 and not out.finished and conn is not None:
+                    if not conn.broken:
+                        conn.send(direct.key, seq, out, request.stream_boundaries)
+                        continue
+                    conn = None  # broken: this output and the rest go through Serve
+                    self.outboxes.fallbacks += 1
+                items: list[Item] = [(s, s, sent[s]) for s in range(through_serve, seq + 1)]
+                through_serve = seq + 1
+                yield items
+        finally:
+            if conn is not None:
+                conn.forget(direct.key)
+
+    async def _outputs(self, request: GenerateRequest, images: list[ImageFeatures], interval_s: float | None = None):
         try:
             async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
-                                                  list(images), request.image_hashes, request.stream_boundaries):
+                                                  images, request.image_hashes, request.stream_boundaries,
+                                                  stream_interval_s=interval_s):
                 if out.queue_time_s is not None:
                     metric("pixtral_queue_time_seconds").observe(out.queue_time_s, tags=self.tags)
                 yield out
@@ -126,7 +172,8 @@ class DecoderServer:
 
     def stats(self) -> dict:
         # the replica as the affinity ring names it
-        return {**vars(self.engine.stats()), "replica": serve.get_replica_context().replica_id.unique_id}
+        return {**vars(self.engine.stats()), "replica": serve.get_replica_context().replica_id.unique_id,
+                "direct_frames": self.outboxes.frames, "direct_fallbacks": self.outboxes.fallbacks}
 
     def check_health(self) -> None:
         if not self.engine.healthy:

@@ -32,6 +32,7 @@ from model.engine.llm_engine import RequestOutput
 from model.engine.sampling_params import SamplingParams
 from serving.config import AppConfig
 from serving.decoder_server import GenerateRequest
+from serving.direct_streams import DirectStream, Mailbox, Ordered
 from serving.health import LoopLagMonitor, Readiness, start_heap_trimmer
 from serving.images import ImageGeometry, PreparedImage, load_images, too_many_images
 from serving.logs import setup_logging
@@ -257,6 +258,7 @@ class OpenAIIngress:
         self.readiness = Readiness(serve.get_replica_context().app_name,
                                    {m.cfg.served_model_name: [m.vision.deployment_name, m.decoder.deployment_name]
                                     for m in self.models})
+        self.mailbox = Mailbox()  # where decoder replicas send this replica's streams (direct_streams)
         self.loop_lag = LoopLagMonitor(lambda lag: metric("pixtral_event_loop_lag_seconds").observe(lag, tags=self.tags))
         start_heap_trimmer()  # decoded images are the ingress's large transients
 
@@ -437,13 +439,17 @@ class OpenAIIngress:
         """Stream one choice. A replica that dies before the first token is retried on a fresh call
         (the vision pool and the decoder route around it); after that the client gets a 503.
         `boundaries`: tokens the decoder sends at the end of an output (see `starts_tool_call`)."""
-        request = GenerateRequest(request_id, tokens, params, hashes, boundaries)
+        mailbox = await self.mailbox.address() if m.cfg.decoder.direct_streams else None
         last = None
         for attempt in range(RETRIES + 1):
+            direct = DirectStream(mailbox, uuid.uuid4().hex) if mailbox is not None else None
+            queue = self.mailbox.open(direct.key) if direct is not None else None  # before any frame can come
+            request = GenerateRequest(request_id, tokens, params, hashes, boundaries, direct)
             stream = m.decoder.options(stream=True).generate.remote(request, *features.get(attempt))
+            outputs = _unavailable_as_503(stream) if direct is None else self._direct(direct, queue, stream, boundaries)
             finished = False
             try:
-                async for out in _unavailable_as_503(stream):
+                async for out in outputs:
                     _raise_for_engine_error(out)
                     now = time.perf_counter()
                     if out.token_ids:
@@ -470,6 +476,35 @@ class OpenAIIngress:
             finally:
                 if not finished:
                     _cancel(stream)
+                if direct is not None:
+                    await outputs.aclose()  # stops its reader and closes its mailbox queue now
+
+    async def _direct(self, direct: DirectStream, queue: asyncio.Queue, stream,
+                      boundaries: frozenset[int]) -> AsyncIterator[RequestOutput]:
+        """A direct call's outputs, in order and each once: its Serve messages (the first output, the
+        last, and what each repeats) and its mailbox frames, from one queue."""
+        async def pump() -> None:
+            try:
+                async for items in _unavailable_as_503(stream):
+                    queue.put_nowait(("serve", items))
+                queue.put_nowait(("end", None))
+            except Exception as exc:  # noqa: BLE001 - raised where the outputs are read
+                queue.put_nowait(("error", exc))
+
+        reader = asyncio.create_task(pump())
+        order = Ordered(boundaries)
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise payload
+                for out in order.take(payload if kind == "serve" else [payload]):
+                    yield out
+        finally:
+            reader.cancel()
+            self.mailbox.close(direct.key)
 
     @staticmethod
     def _record_finished(m: ServedModel, out: RequestOutput, timing: "_Timing") -> None:

@@ -38,6 +38,8 @@ DEFINITIONS = {
     "pixtral_preemptions_total": ("counter", "Sequences preempted (KV blocks freed, recomputed later)", None, ()),
     "pixtral_prefix_cache_queries_total": ("counter", "KV blocks looked up in the prefix cache", None, ()),
     "pixtral_prefix_cache_hits_total": ("counter", "KV blocks found in the prefix cache", None, ()),
+    "pixtral_direct_stream_frames_total": ("counter", "Frames a decoder replica sent to ingress mailboxes (each holds a step's outputs for one ingress)", None, ()),
+    "pixtral_direct_stream_fallbacks_total": ("counter", "Requests streamed through Serve because their ingress's mailbox could not be reached", None, ()),
     "pixtral_request_failures_total": ("counter", "Requests the engine failed alone (their step raised); it carried on", None, ()),
     "pixtral_affinity_routes_total": ("counter", "Requests routed by cache affinity: to the replica their key hashes "
                                       "to (affine), or past it by the load bound (spilled)", None, ("pool", "outcome")),

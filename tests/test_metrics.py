@@ -112,8 +112,9 @@ def test_metrics_match_known_traffic(ray_cluster, served):
     assert total(after, "ray_pixtral_running_sequences") == 0 and total(after, "ray_pixtral_waiting_sequences") == 0
 
     names = {n for n, _ in after}
-    # no preemption, and no request the engine had to fail, in this traffic
-    missing = exported_names() - names - {"ray_pixtral_preemptions_total", "ray_pixtral_request_failures_total"}
+    # no preemption, no request the engine had to fail, and no stream without its mailbox, in this traffic
+    missing = exported_names() - names - {"ray_pixtral_preemptions_total", "ray_pixtral_request_failures_total",
+                                          "ray_pixtral_direct_stream_fallbacks_total"}
     assert not missing, missing
     unnamed = [(n, lbl) for n, lbl in after if not dict(lbl).get("model")]
     assert not unnamed, [{k: v for k, v in l if k in ("model", "route", "status_code", "deployment")} for _, l in unnamed[:3]]  # every series names its model

@@ -43,7 +43,7 @@ class EngineDeadError(RuntimeError):
         self.retryable = retryable
 
 
-def _ends_merge(out: RequestOutput, boundaries: frozenset[int]) -> bool:
+def ends_merge(out: RequestOutput, boundaries: frozenset[int]) -> bool:
     """An output nothing later is merged into: the last, or one holding a boundary token (a reader
     splits the stream there, as the ingress does at [TOOL_CALLS]: content before, calls after)."""
     return out.finished or not boundaries.isdisjoint(out.token_ids)
@@ -67,7 +67,7 @@ class _Stream:
         """`held` merged with the outputs queued behind it, up to one that ends a merge, and an
         error queued after them."""
         outputs = [held]
-        while not _ends_merge(outputs[-1], boundaries) and not self.outputs.empty():
+        while not ends_merge(outputs[-1], boundaries) and not self.outputs.empty():
             item = self.outputs.get_nowait()
             if isinstance(item, BaseException):
                 return RequestOutput.merge(outputs), item
@@ -94,9 +94,11 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        images: list[ImageFeatures] | None = None,
                        image_hashes: list[str] | None = None,
-                       stream_boundaries: frozenset[int] = frozenset()) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as they come, coalesced per `stream_interval_s`; an output holding
-        one of `stream_boundaries` ends the output it is merged into."""
+                       stream_boundaries: frozenset[int] = frozenset(),
+                       stream_interval_s: float | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come, coalesced per `stream_interval_s` (default: the
+        engine's); an output holding one of `stream_boundaries` ends the output it is merged into."""
+        interval = self.stream_interval_s if stream_interval_s is None else stream_interval_s
         if not self.healthy:
             raise EngineDeadError(f"the engine has stopped: {self.error!r}")
         if params.grammar is not None and self.engine.grammars is not None:
@@ -119,8 +121,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 error = None
-                if self.stream_interval_s > 0 and sent_at is not None and not _ends_merge(item, stream_boundaries):
-                    hold = sent_at + self.stream_interval_s - loop.time()
+                if interval > 0 and sent_at is not None and not ends_merge(item, stream_boundaries):
+                    hold = sent_at + interval - loop.time()
                     if hold > 0:
                         try:
                             await asyncio.wait_for(stream.ended.wait(), hold)
