@@ -175,7 +175,9 @@ class Ordered:
                 held = self._held.pop(self.next)
                 ready.append(held)
                 self.next = held[1] + 1
-        return [out for _, _, out in coalesce(ready, self.boundaries)]
+        # the first output stays alone, as on a plain stream (the ingress times the first token by it)
+        first = [ready.pop(0)[2]] if ready and ready[0][0] == 0 else []
+        return first + [out for _, _, out in coalesce(ready, self.boundaries)]
 
 
 # -- the decoder's end ---------------------------------------------------------------------------

@@ -137,6 +137,7 @@ def test_the_ingress_takes_each_output_once_in_order_whatever_is_lost(seed):
         if taken and taken[-1].finished:
             break
     assert joined(taken) == joined(outs)
+    assert taken[0] is outs[0]  # the first output alone, as the ingress's TTFT and inter-token metrics expect
     assert [o.finished for o in taken] == [False] * (len(taken) - 1) + [True]
     check_split_at_boundary(taken)
     # Serve's messages alone carry every output, once: what frames lose, the last one repairs

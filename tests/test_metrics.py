@@ -44,6 +44,23 @@ def bucket(samples: dict, name: str, le: str) -> float:
     return sum(v for (n, lbl), v in samples.items() if n == name and dict(lbl).get("le") == le)
 
 
+def settled(ports: list[int]) -> dict[tuple[str, tuple], float]:
+    """A scrape once earlier tests' traffic has ended and been exported: requests a client gave up on
+    can still finish, and Ray exports each second. Two scrapes 2 s apart agree on the request counts."""
+    def counts(samples: dict) -> dict:
+        return {k: v for k, v in samples.items()
+                if k[0] in ("ray_pixtral_http_requests_total", "ray_pixtral_generation_tokens_total")}
+
+    deadline = time.time() + 60
+    last = scrape(ports)
+    while True:
+        time.sleep(2)
+        now = scrape(ports)
+        if counts(now) == counts(last) or time.time() > deadline:
+            return now
+        last = now
+
+
 def image_url(seed: int) -> str:
     buf = io.BytesIO()
     random_image(40, 30, seed).save(buf, format="PNG")  # 3x2 patches: 8 image tokens
@@ -56,7 +73,7 @@ COMMON_PREFIX = "Please look very carefully at the following two pictures and de
 
 def test_metrics_match_known_traffic(ray_cluster, served):
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="x", max_retries=0, timeout=120)
-    before = scrape(ray_cluster.metrics_ports)
+    before = settled(ray_cluster.metrics_ports)
     prompt_tokens = generated = 0
     for i in range(3):  # 3 requests with 2 images each (one image repeats: an encoder-cache hit)
         r = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
