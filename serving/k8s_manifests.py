@@ -177,6 +177,9 @@ PANELS = [
     ("Affinity routing: share spilled past the affine replica (load bound), by pool", "percentunit",
      'sum by (pool) (rate(ray_pixtral_affinity_routes_total{outcome="spilled"}[5m])) / sum by (pool) (rate(ray_pixtral_affinity_routes_total[5m]))'),
     ("Requests failed alone in the engine/s", "short", "sum(rate(ray_pixtral_request_failures_total[5m]))"),
+    ("Direct-stream frames/s / requests streamed through Serve for want of a mailbox/s", "short",
+     "sum(rate(ray_pixtral_direct_stream_frames_total[5m]))"),
+    ("", "short", "sum(rate(ray_pixtral_direct_stream_fallbacks_total[5m]))"),
     ("Ingress event-loop lag p99 / max bucket", "s", "histogram_quantile(0.99, sum by (le) (rate(ray_pixtral_event_loop_lag_seconds_bucket[5m])))"),
     ("", "s", "histogram_quantile(1.0, sum by (le) (rate(ray_pixtral_event_loop_lag_seconds_bucket[5m])))"),
 ]
