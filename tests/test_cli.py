@@ -13,13 +13,13 @@ def test_flags_override_config(tmp_path, monkeypatch):
         "--model", "/models/x", "--tensor-parallel-size", "8", "--device", "cuda", "--dtype", "bfloat16",
         "--vision-replicas", "auto", "--vision-max-replicas", "6", "--max-model-len", "32768",
         "--max-images", "4", "--api-key", "k1", "--api-key", "k2", "--served-model-name", "pixtral-large-2411",
-        "--model-alias", "pixtral-large-latest", "--stream-interval-ms", "0"]))
+        "--model-alias", "pixtral-large-latest", "--stream-interval-ms", "0", "--no-direct-streams"]))
     assert cfg.model == "/models/x" and cfg.decoder.tensor_parallel_size == 8
     assert (cfg.device, cfg.dtype, cfg.max_model_len) == ("cuda", "bfloat16", 32768)
     assert cfg.vision.num_replicas == "auto" and cfg.vision.max_replicas == 6
     assert cfg.images.max_images == 4 and cfg.api_keys == ["k1", "k2"]
     assert cfg.model_names == ["pixtral-large-2411", "pixtral-large-latest"]
-    assert cfg.decoder.stream_interval_ms == 0
+    assert cfg.decoder.stream_interval_ms == 0 and cfg.decoder.direct_streams is False
 
 
 def test_no_model_means_the_cached_tiny_demo(tmp_path, monkeypatch):
@@ -61,3 +61,6 @@ def test_stream_interval_is_checked():
     for bad in (-1, 5000, "fast"):
         with pytest.raises(ValueError, match="stream_interval_ms must be between 0 and 1000"):
             AppConfig.from_dict({"model": "/m", "decoder": {"stream_interval_ms": bad}})
+    assert AppConfig.from_dict({"model": "/m"}).decoder.direct_streams is True
+    with pytest.raises(ValueError, match="direct_streams must be true or false"):
+        AppConfig.from_dict({"model": "/m", "decoder": {"direct_streams": "no"}})
