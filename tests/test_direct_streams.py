@@ -173,29 +173,28 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_frames_reach_the_mailbox_merged_per_interval(loopback):
+async def open_mailbox(key: str) -> tuple[ds.Mailbox, MailboxAddress, asyncio.Queue]:
+    mailbox = ds.Mailbox()
+    address = await mailbox.address()
+    return mailbox, address, mailbox.open(key)
+
+
+def test_frames_reach_the_mailbox_with_each_calls_run_merged(loopback):
     async def main():
-        mailbox = ds.Mailbox()
-        address = await mailbox.address()
-        queue = mailbox.open("a")
+        _, address, queue = await open_mailbox("a")
         outboxes = ds.Outboxes(interval_s=0.2)
         conn = outboxes.get(address)
         assert outboxes.get(address) is conn  # one connection per mailbox
         outs = outputs(9)[1:-1]  # the outputs between the first and the last
-        for step, out in enumerate(outs, start=1):
-            conn.send("a", step, out, frozenset())
-            conn.send("other", step, out, frozenset())  # a call whose queue is gone: dropped
-            await asyncio.sleep(0.03)
-        items = []
-        while not items or items[-1][1] < len(outs):
-            kind, item = await asyncio.wait_for(queue.get(), 5)
-            assert kind == "frame"
-            items.append(item)
-        assert [i[:2] for i in items] == [(f, l) for f, l in zip([1] + [i[1] + 1 for i in items[:-1]],
-                                                                 [i[1] for i in items])]
-        assert joined([o for _, _, o in items])[:2] == joined(outs)[:2]
-        assert len(items) < len(outs)  # 7 outputs 30 ms apart in frames at most 200 ms apart
-        assert outboxes.frames == len(items) and outboxes.fallbacks == 0
+        conn.send("a", 1, outs[0], frozenset())
+        conn.send("other", 1, outs[0], frozenset())  # a call whose queue is gone: dropped
+        assert await asyncio.wait_for(queue.get(), 5) == ("frame", (1, 1, outs[0]))
+        for seq, out in enumerate(outs[1:], start=2):  # handed over together: one frame, one item
+            conn.send("a", seq, out, frozenset())
+        kind, (first, last, merged) = await asyncio.wait_for(queue.get(), 5)
+        assert (kind, first, last) == ("frame", 2, len(outs))
+        assert joined([merged])[:2] == joined(outs[1:])[:2]
+        assert outboxes.frames == 2 and outboxes.fallbacks == 0
         conn._task.cancel()
 
     asyncio.run(main())
@@ -203,9 +202,7 @@ def test_frames_reach_the_mailbox_merged_per_interval(loopback):
 
 def test_a_connection_without_the_secret_delivers_nothing(loopback):
     async def main():
-        mailbox = ds.Mailbox()
-        address = await mailbox.address()
-        queue = mailbox.open("a")
+        _, address, queue = await open_mailbox("a")
         outboxes = ds.Outboxes(interval_s=0.0)
         conn = outboxes.get(MailboxAddress(address.host, address.port, b"x" * ds.SECRET_BYTES))
         for step, out in enumerate(outputs(400), start=1):
