@@ -141,6 +141,8 @@ class Mailbox:
                         queue.put_nowait(("frame", (first, last, out)))
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
             pass  # the decoder went away; its calls' last Serve messages repair what was lost
+        except Exception as exc:  # noqa: BLE001 - a frame that does not unpickle: the same repair
+            log.warning("direct streams: a bad frame (%s); closing its connection", type(exc).__name__)
         finally:
             writer.close()
 

@@ -218,6 +218,20 @@ def test_a_connection_without_the_secret_delivers_nothing(loopback):
     asyncio.run(main())
 
 
+def test_a_frame_that_does_not_unpickle_closes_only_its_connection(loopback):
+    async def main():
+        _, address, queue = await open_mailbox("a")
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(address.secret + (5).to_bytes(4, "big") + b"junk!")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+        conn = ds.Outboxes(interval_s=0.0).get(address)  # the mailbox still takes others
+        conn.send("a", 1, outputs(2)[0], frozenset())
+        assert await asyncio.wait_for(queue.get(), 5) == ("frame", (1, 1, outputs(2)[0]))
+        conn._task.cancel()
+
+    asyncio.run(main())
+
+
 def test_an_unreachable_mailbox_sends_its_calls_through_serve_for_a_while(loopback):
     async def main():
         server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
