@@ -83,9 +83,10 @@ def decoder_options(cfg: AppConfig) -> dict[str, Any]:
 def ingress_options(cfg: AppConfig, label: str | None = None) -> dict[str, Any]:
     """The ingress of the app whose first model is `cfg` (the ingress settings are app-wide).
 
-    `label`: the `model` label of HTTP requests that name no served model (401s, bad JSON); the
-    served name when there is one model. The HTTP middleware runs outside the class, so it gets it
-    from the environment.
+    `label`: the `model` label of the ingress's own series (event-loop lag) and of HTTP requests
+    that name no served model (401s, bad JSON): the served name when there is one model, every
+    served name joined by commas when there are several, so that no series is unlabelled. The HTTP
+    middleware runs outside the class, so it gets it from the environment.
     """
     i = cfg.ingress
     label = cfg.served_model_name if label is None else label
@@ -108,7 +109,7 @@ def build_app(args: dict[str, Any]) -> Application:
         vision = VisionEncoderServer.options(name=vision_name, **vision_options(cfg)).bind(config)
         decoder = DecoderServer.options(name=decoder_name, **decoder_options(cfg)).bind(config)
         pools += [vision, decoder]
-    ingress = ingress_options(configs[0], "" if several else None)
+    ingress = ingress_options(configs[0], ",".join(cfg.served_model_name for cfg in configs))
     return OpenAIIngress.options(**ingress).bind([cfg.to_dict() for cfg in configs], *pools)
 
 

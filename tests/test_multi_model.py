@@ -122,15 +122,22 @@ def test_each_model_answers_greedily_as_its_own_engine(two_models, mistral_12b, 
         {"role": "user", "content": "hi"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert "tiny-large" in r.json()["error"]["message"]
-    # every model's metrics carry its own label
+    # every model's metrics carry its own label; what belongs to no one model (the unknown model's
+    # 404, the ingress's event-loop lag) carries the app's models, joined
+    app_label = "tiny-12b,tiny-large"
     deadline = time.time() + 30
     while time.time() < deadline:
         after = scrape(ray_cluster.metrics_ports)
         got = {name: increase(before, after, "ray_pixtral_generation_tokens_total", model=name) for name in generated}
         http = {name: increase(before, after, "ray_pixtral_http_requests_total", model=name, status_code="200")
                 for name in generated}
-        if got == generated and all(v >= 3 for v in http.values()):
+        unknown = increase(before, after, "ray_pixtral_http_requests_total", model=app_label, status_code="404")
+        if got == generated and all(v >= 3 for v in http.values()) and unknown == 1:
             break
         time.sleep(1)
     assert got == generated
     assert all(v >= 3 for v in http.values()), http  # 2 completions + 1 token count each
+    assert unknown == 1
+    assert increase(before, after, "ray_pixtral_event_loop_lag_seconds_count", model=app_label) > 0
+    unnamed = [name for name, labels in after if not dict(labels).get("model")]
+    assert not unnamed, unnamed[:3]
