@@ -134,18 +134,27 @@ class DecoderServer:
         outputs = self._outputs(request, images, 0.0 if conn is not None else None)
         sent: list[RequestOutput] = []  # every output so far, by sequence number
         through_serve = 0  # the outputs before this one went through Serve
+        serve_at = time.monotonic()  # when the last Serve message went
+        hold_s = 0.0  # how long an output may wait for the next Serve message
         try:
             async for out in outputs:
                 seq = len(sent)
                 sent.append(out)
-                if seq > 0 and not out.finished and conn is not None:
-                    if not conn.broken:
+                if seq > 0 and not out.finished:
+                    if conn is not None and not conn.broken:
                         conn.send(direct.key, seq, out, request.stream_boundaries)
                         continue
-                    conn = None  # broken: this output and the rest go through Serve
-                    self.outboxes.fallbacks += 1
+                    if conn is not None:
+                        # broken: this output and the rest go through Serve, at most one message
+                        # per interval, since the engine is not coalescing this stream. A held
+                        # output goes with the next one after the interval, or with the last.
+                        conn, hold_s = None, self.engine.stream_interval_s
+                        self.outboxes.fallbacks += 1
+                    elif time.monotonic() - serve_at < hold_s:
+                        continue
                 items: list[Item] = [(s, s, sent[s]) for s in range(through_serve, seq + 1)]
                 through_serve = seq + 1
+                serve_at = time.monotonic()
                 yield items
         finally:
             if conn is not None:

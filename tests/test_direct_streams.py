@@ -42,8 +42,8 @@ def check_split_at_boundary(outs: list[RequestOutput]) -> None:
 # -- the decoder's side, with a fake engine and a connection that loses frames ----------------------
 
 class FakeEngine:
-    def __init__(self, outs: list[RequestOutput]) -> None:
-        self.outs = outs
+    def __init__(self, outs: list[RequestOutput], stream_interval_s: float = 0.0) -> None:
+        self.outs, self.stream_interval_s = outs, stream_interval_s
         self.intervals: list[float | None] = []
 
     async def generate(self, *args, stream_interval_s=None):
@@ -97,8 +97,8 @@ def decoder_with(engine: FakeEngine, conn) -> DecoderServer:
     return server
 
 
-def run_decoder(outs, conn, boundaries=frozenset()) -> tuple[list[list[ds.Item]], FakeEngine]:
-    engine = FakeEngine(outs)
+def run_decoder(outs, conn, boundaries=frozenset(), interval_s: float = 0.0) -> tuple[list[list[ds.Item]], FakeEngine]:
+    engine = FakeEngine(outs, interval_s)
     direct = DirectStream(MailboxAddress("127.0.0.1", 1, b"s" * 16), "key")
     request = GenerateRequest("r", [1, 2, 3], None, [], boundaries, direct)
 
@@ -118,7 +118,7 @@ def test_the_ingress_takes_each_output_once_in_order_whatever_is_lost(seed):
     breaks_at = rng.choice([None, rng.randint(1, n)])  # the connection may fail partway
     lost_frames = rng.random() < 0.3  # or frames may be lost without the decoder knowing
     conn = LossyConnection(rng, breaks_at)
-    serve_messages, engine = run_decoder(outs, conn, boundaries)
+    serve_messages, engine = run_decoder(outs, conn, boundaries, interval_s=rng.choice([0.0, 3600.0]))
     assert engine.intervals == [0.0]  # frames coalesce; the engine does not
     frames = [f for f in conn.frames if not (lost_frames and rng.random() < 0.5)]
 
@@ -144,13 +144,16 @@ def test_the_ingress_takes_each_output_once_in_order_whatever_is_lost(seed):
     assert [s for m in serve_messages for s, _, _ in m] == list(range(n))
 
 
-def test_a_broken_connection_sends_the_rest_through_serve():
+@pytest.mark.parametrize("interval_s", [0.0, 3600.0])
+def test_a_broken_connection_sends_the_rest_through_serve(interval_s):
     outs = outputs(10)
     conn = LossyConnection(random.Random(0), breaks_at=3)
-    serve_messages, _ = run_decoder(outs, conn)
-    # the first; then, from the break on, every output through Serve, the first of them with all
-    # the outputs since the first (the connection may have lost them)
-    assert [[s for s, _, _ in m] for m in serve_messages] == [[0], [1, 2, 3, 4], [5], [6], [7], [8], [9]]
+    serve_messages, _ = run_decoder(outs, conn, interval_s=interval_s)
+    # the first; then, from the break on, every output through Serve, the first of them at once
+    # with all the outputs since the first (the connection may have lost them). The engine was not
+    # coalescing for the connection, so the decoder does: at most one message per interval.
+    rest = [[5], [6], [7], [8], [9]] if interval_s == 0 else [[5, 6, 7, 8, 9]]
+    assert [[s for s, _, _ in m] for m in serve_messages] == [[0], [1, 2, 3, 4]] + rest
 
 
 def test_without_a_connection_every_output_goes_through_serve_coalesced_by_the_engine():
