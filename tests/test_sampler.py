@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.engine import sampler
 from model.engine.sampler import SamplerState, sample
 from model.engine.sampling_params import SamplingParams
 
@@ -81,3 +82,38 @@ def test_a_row_with_every_token_banned_fails_alone():
     states[1].bias = {t: float("-inf") for t in range(4)}
     tokens, infos, failed = sample(logits, states)
     assert list(failed) == [1] and tokens[1] == -1 and infos[1] is None and 0 <= tokens[0] < 4
+
+
+def test_top_p_from_the_top_candidates_draws_as_the_full_sort(monkeypatch):
+    """On CPU a top_p row whose nucleus lies within its top NUCLEUS_CANDIDATES tokens is drawn from
+    those (topk, no sort of the vocabulary). Seeded rows draw the same tokens as when every row
+    goes through the full sort; the rows the candidates cannot serve (a flat distribution, no
+    filter at all) still take it."""
+    vocab = 8192
+    torch.manual_seed(5)
+    peaked, flat = torch.randn(vocab) * 5, torch.randn(vocab) * 0.1  # top 1,024: ~all of the mass; ~1/8
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1),  # peaked: from the candidates
+              SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=2),  # peaked, top_k: from them too
+              SamplingParams(temperature=1.0, top_p=0.9, seed=3),  # flat: the full sort
+              SamplingParams(temperature=1.0, seed=4)]  # no filter: the whole vocabulary
+    rows = [peaked, peaked, flat, flat]
+    sorted_rows = []
+    real = sampler._draw_sorted
+
+    def recording(x, ks, top_p, u):
+        sorted_rows.append(x.shape[0])
+        return real(x, ks, top_p, u)
+
+    monkeypatch.setattr(sampler, "_draw_sorted", recording)
+
+    def draws() -> list[list[int]]:
+        states = states_for(*params)
+        return [sample(torch.stack(rows), states)[0] for _ in range(30)]
+
+    from_candidates = draws()
+    assert sorted_rows == [2] * 30  # the flat row and the unfiltered one, every step
+    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", vocab)  # the vocabulary is no larger: always sort
+    sorted_rows.clear()
+    assert draws() == from_candidates
+    assert sorted_rows == [4] * 30
+    assert len({t[0] for t in from_candidates}) > 1  # it did sample
