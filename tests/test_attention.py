@@ -55,6 +55,19 @@ def mixed_step(shared_prefix: bool = False):
     return cached, new, tables, contexts, cache
 
 
+def attend_and_check(meta: AttentionMetadata, cached: list[int], new: list[int], contexts: list, cache: KVCache) -> None:
+    """One step's attention through `meta` (the step's new keys/values written to the cache) equals
+    the float64 reference, sequence by sequence."""
+    q = torch.randn(sum(new), HEADS, DIM)
+    k_new = torch.cat([k[c:] for (k, _), c in zip(contexts, cached)])
+    v_new = torch.cat([v[c:] for (_, v), c in zip(contexts, cached)])
+    out = causal_attention(q, k_new, v_new, meta, cache, DIM ** -0.5)
+    lo = 0
+    for (k, v), n in zip(contexts, new):
+        torch.testing.assert_close(out[lo:lo + n], reference(q[lo:lo + n], k, v), atol=1e-5, rtol=1e-5)
+        lo += n
+
+
 @pytest.mark.parametrize("backend,compiled,shared_prefix", [
     ("torch", False, False), ("torch", False, True), ("flex", False, False), ("flex", False, True),
     ("flex", True, True)])
@@ -84,16 +97,7 @@ def test_paged_mixed_batch_equals_reference(backend, compiled, shared_prefix, mo
         assert d["flex_full_num"].tolist() == [0, 0, 2]
         assert d["flex_part_num"].tolist() == [1, 2 + 3, 2]
 
-    q = torch.randn(sum(new), HEADS, DIM)
-    k_new = torch.cat([k[c:] for (k, _), c in zip(contexts, cached)])
-    v_new = torch.cat([v[c:] for (_, v), c in zip(contexts, cached)])
-    out = causal_attention(q, k_new, v_new, meta, cache, DIM ** -0.5)
-
-    lo = 0
-    for (k, v), n in zip(contexts, new):
-        expected = reference(q[lo:lo + n], k, v)
-        torch.testing.assert_close(out[lo:lo + n], expected, atol=1e-5, rtol=1e-5)
-        lo += n
+    attend_and_check(meta, cached, new, contexts, cache)
     # and the new keys/values went to their slots
     for (k, _), table, c, n in zip(contexts, tables, cached, new):
         p = c + n - 1
@@ -126,14 +130,7 @@ def test_cpu_backend_takes_the_fused_sdpa_kernel():
         for new, cached, tables, contexts in steps:
             meta = AttentionMetadata.build(new, [c + n for c, n in zip(cached, new)], tables, BLOCK,
                                            torch.device("cpu"))
-            q = torch.randn(sum(new), HEADS, DIM)
-            k_new = torch.cat([k[c:] for (k, _), c in zip(contexts, cached)])
-            v_new = torch.cat([v[c:] for (_, v), c in zip(contexts, cached)])
-            out = causal_attention(q, k_new, v_new, meta, cache, DIM ** -0.5)
-            lo = 0
-            for (k, v), n in zip(contexts, new):
-                torch.testing.assert_close(out[lo:lo + n], reference(q[lo:lo + n], k, v), atol=1e-5, rtol=1e-5)
-                lo += n
+            attend_and_check(meta, cached, new, contexts, cache)
         q, k, v = torch.randn(9, HEADS, DIM), torch.randn(9, KV_HEADS, DIM), torch.randn(9, KV_HEADS, DIM)
         out = causal_attention(q, k, v, AttentionMetadata.no_cache([9]), None, DIM ** -0.5)
         torch.testing.assert_close(out, reference(q, k, v), atol=1e-5, rtol=1e-5)
