@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -92,11 +94,16 @@ def test_top_p_from_the_top_candidates_draws_as_the_full_sort(monkeypatch):
     vocab = 8192
     torch.manual_seed(5)
     peaked, flat = torch.randn(vocab) * 5, torch.randn(vocab) * 0.1  # top 1,024: ~all of the mass; ~1/8
+    # one token holds half the mass, the rest is flat: the top 1,024 might hold 0.9 (1,024 x 0.5),
+    # but hold 0.56, so this row is looked at and then sorted
+    half = torch.zeros(vocab)
+    half[7] = math.log(vocab - 1)
     params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1),  # peaked: from the candidates
               SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=2),  # peaked, top_k: from them too
               SamplingParams(temperature=1.0, top_p=0.9, seed=3),  # flat: the full sort
-              SamplingParams(temperature=1.0, seed=4)]  # no filter: the whole vocabulary
-    rows = [peaked, peaked, flat, flat]
+              SamplingParams(temperature=1.0, seed=4),  # no filter: the whole vocabulary
+              SamplingParams(temperature=1.0, top_p=0.9, seed=5)]  # half: the full sort
+    rows = [peaked, peaked, flat, flat, half]
     sorted_rows = []
     real = sampler._draw_sorted
 
@@ -111,9 +118,9 @@ def test_top_p_from_the_top_candidates_draws_as_the_full_sort(monkeypatch):
         return [sample(torch.stack(rows), states)[0] for _ in range(30)]
 
     from_candidates = draws()
-    assert sorted_rows == [2] * 30  # the flat row and the unfiltered one, every step
+    assert sorted_rows == [3] * 30  # the flat row, the unfiltered one and the half one, every step
     monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", vocab)  # the vocabulary is no larger: always sort
     sorted_rows.clear()
     assert draws() == from_candidates
-    assert sorted_rows == [4] * 30
-    assert len({t[0] for t in from_candidates}) > 1  # it did sample
+    assert sorted_rows == [5] * 30
+    assert len({t[0] for t in from_candidates}) > 1 and len({t[4] for t in from_candidates}) > 1  # it did sample

@@ -12,6 +12,7 @@ draws the same tokens whatever else shares its batch. Unseeded rows share one dr
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -173,16 +174,19 @@ def _draw_from_top_candidates(x: torch.Tensor, ks: list[int], top_p: list[float]
     nucleus lies within their top NUCLEUS_CANDIDATES tokens (the rest of the vocabulary would be cut
     anyway): the same draw as from the whole sorted vocabulary. Returns the rows drawn."""
     width = NUCLEUS_CANDIDATES
-    rows = [j for j in range(x.shape[0]) if ks[j] <= width or top_p[j] < 1.0]
+    log_total = x.logsumexp(dim=-1)  # each row's normaliser over the whole vocabulary
+    # A row's top `width` tokens hold at most width x its largest probability, exp(0 - log_total)
+    # (x's maximum is 0). A row flatter than that cannot have its nucleus there: it skips the topk.
+    bound = (math.log(width) - log_total).exp().tolist()
+    rows = [j for j in range(x.shape[0]) if ks[j] <= width or (top_p[j] < 1.0 and bound[j] >= top_p[j])]
     if not rows:
         return set()
-    full = x[rows]
-    top, candidates = full.topk(width, dim=-1)
+    top, candidates = x[rows].topk(width, dim=-1)
     k = torch.tensor([ks[j] for j in rows])
     top = top.masked_fill(torch.arange(width)[None, :] >= k[:, None], float("-inf"))
     # a top_k row renormalises over its k tokens (as _draw_sorted's softmax does); any other row is
     # normalised over the whole vocabulary, so its cumulative sum is what the full sort would give
-    log_total = torch.where(k <= width, top.logsumexp(dim=-1), full.logsumexp(dim=-1))
+    log_total = torch.where(k <= width, top.logsumexp(dim=-1), log_total[rows])
     probs = (top - log_total[:, None]).exp()
     mass = probs.cumsum(dim=-1)[:, -1].tolist()  # the host check (a CPU tensor: no device to wait on)
     ok = [i for i, j in enumerate(rows) if ks[j] <= width or mass[i] >= top_p[j]]
