@@ -149,6 +149,8 @@ def _draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
         return _draw_sorted(x, ks, top_p, u)
     tokens = torch.empty(len(states), dtype=torch.long, device=device)
     served = _draw_from_top_candidates(x, ks, top_p, u, tokens)
+    if not served:
+        return _draw_sorted(x, ks, top_p, u)
     rest = [j for j in range(len(states)) if j not in served]
     if rest:  # what the top candidates cannot serve: the whole vocabulary, sorted
         tokens[rest] = _draw_sorted(x[rest], [ks[j] for j in rest], [top_p[j] for j in rest], u[rest])
