@@ -123,10 +123,11 @@ def _scatter_add(logits: torch.Tensor, rows: list[tuple[int, dict[int, float]]],
     return add((index[:, 0], index[:, 1]), values, accumulate=True)
 
 
-# On CPU, sorting a 131k-token vocabulary costs more than a decode step of the dim-1024 benchmark
-# checkpoint (15 ms for one row, about 150 ms for 32, on this project's 2-core machine), and a
-# top_p row's nucleus usually lies within its top NUCLEUS_CANDIDATES tokens, which topk finds 10x
-# faster. Whether it does is read on the host, per row; a GPU sorts (fast there) and never waits.
+# On CPU, sorting a 131k-token vocabulary costs a quarter to nearly all of a decode step of the
+# dim-1024 benchmark checkpoint (12 ms for one row, 46 for 8, 194 for 32, on this project's 2-core
+# machine), and a top_p row's nucleus usually lies within its top NUCLEUS_CANDIDATES tokens, which
+# topk finds 15x faster. Whether it does is read on the host, per row; a GPU sorts (fast there)
+# and never waits.
 NUCLEUS_CANDIDATES = 1024
 
 
