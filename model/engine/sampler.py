@@ -148,11 +148,12 @@ def _draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
             u[j].uniform_(generator=s.generator)  # its own stream, whatever shares the batch
     if device.type != "cpu" or max(ks) < vocab or min(top_p) == 1.0 or vocab <= NUCLEUS_CANDIDATES:
         return _draw_sorted(x, ks, top_p, u)
-    tokens = torch.empty(len(states), dtype=torch.long, device=device)
-    served = _draw_from_top_candidates(x, ks, top_p, u, tokens)
-    if not served:
+    drawn, drawn_tokens = _draw_from_top_candidates(x, ks, top_p, u)
+    if not drawn:
         return _draw_sorted(x, ks, top_p, u)
-    rest = [j for j in range(len(states)) if j not in served]
+    tokens = torch.empty(len(states), dtype=torch.long, device=device)
+    tokens[drawn] = drawn_tokens
+    rest = sorted(set(range(len(states))) - set(drawn))
     if rest:  # what the top candidates cannot serve: the whole vocabulary, sorted
         tokens[rest] = _draw_sorted(x[rest], [ks[j] for j in rest], [top_p[j] for j in rest], u[rest])
     return tokens
@@ -171,11 +172,11 @@ def _draw_sorted(x: torch.Tensor, ks: list[int], top_p: list[float], u: torch.Te
     return _inverse_cdf(torch.softmax(x, dim=-1), candidates, top_p, u)
 
 
-def _draw_from_top_candidates(x: torch.Tensor, ks: list[int], top_p: list[float], u: torch.Tensor,
-                              tokens: torch.Tensor) -> set[int]:
-    """Draw, into `tokens`, the rows whose top_k is at most NUCLEUS_CANDIDATES, or whose top_p
-    nucleus lies within their top NUCLEUS_CANDIDATES tokens (the rest of the vocabulary would be cut
-    anyway): the same draw as from the whole sorted vocabulary. Returns the rows drawn."""
+def _draw_from_top_candidates(x: torch.Tensor, ks: list[int], top_p: list[float], u: torch.Tensor
+                              ) -> tuple[list[int], torch.Tensor | None]:
+    """The rows whose top_k is at most NUCLEUS_CANDIDATES, or whose top_p nucleus lies within their
+    top NUCLEUS_CANDIDATES tokens (the rest of the vocabulary would be cut anyway), and their
+    tokens: the same draw as from the whole sorted vocabulary."""
     width = NUCLEUS_CANDIDATES
     log_total = x.logsumexp(dim=-1)  # each row's normaliser over the whole vocabulary
     # A row's top `width` tokens hold at most width x its largest probability, exp(0 - log_total)
@@ -183,7 +184,7 @@ def _draw_from_top_candidates(x: torch.Tensor, ks: list[int], top_p: list[float]
     bound = (math.log(width) - log_total).exp().tolist()
     rows = [j for j in range(x.shape[0]) if ks[j] <= width or (top_p[j] < 1.0 and bound[j] >= top_p[j])]
     if not rows:
-        return set()
+        return [], None
     top, candidates = x[rows].topk(width, dim=-1)
     k = torch.tensor([ks[j] for j in rows])
     top = top.masked_fill(torch.arange(width)[None, :] >= k[:, None], float("-inf"))
@@ -194,12 +195,11 @@ def _draw_from_top_candidates(x: torch.Tensor, ks: list[int], top_p: list[float]
     mass = probs.cumsum(dim=-1)[:, -1].tolist()  # the host check (a CPU tensor: no device to wait on)
     ok = [i for i, j in enumerate(rows) if ks[j] <= width or mass[i] >= top_p[j]]
     if not ok:
-        return set()
+        return [], None
     drawn = [rows[i] for i in ok]
     if len(ok) < len(rows):
         probs, candidates = probs[ok], candidates[ok]
-    tokens[drawn] = _inverse_cdf(probs, candidates, [top_p[j] for j in drawn], u[drawn])
-    return set(drawn)
+    return drawn, _inverse_cdf(probs, candidates, [top_p[j] for j in drawn], u[drawn])
 
 
 def _inverse_cdf(probs: torch.Tensor, candidates: torch.Tensor | None, top_p: list[float], u: torch.Tensor
