@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from model import load_model
 from model.layers import linear as linear_module
-from model.layers.linear import (PACKING_ENV, PackableLinear, linear, packed_rows, packing_path,
-                                 packing_unsupported_reason)
+from model.layers.linear import (PACKING_ENV, PackableLinear, linear, packed_rows, packed_rows_independent,
+                                 packing_path, packing_unsupported_reason)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -96,14 +96,29 @@ def test_linear_is_exact_to_its_dtype_and_ignores_batch_mates(head, rows):
     excess = (out.double() - exact).abs() - bound(x, head.weight, exact)
     assert excess.max() <= 0, (head.weight.dtype, head.packed_weight is not None, excess.max().item())
     alone = linear(x[-1:], head.weight, packed=head.packed_weight)
-    if head.packed_weight is not None or x.dtype == torch.bfloat16:
-        # a row's result does not depend on which other rows share the call: oneDNN's packed kernel,
-        # and PyTorch's own bf16 GEMM (what a CPU without AVX-512 runs), reduce each row alone
-        assert torch.equal(alone[0], out[-1]), (head.weight.dtype, head.packed_weight is not None)
+    packed = head.packed_weight is not None
+    if packed and packed_rows_independent(x.dtype) or not packed and x.dtype == torch.bfloat16:
+        # a row's result does not depend on which other rows share the call: PyTorch 2.13's oneDNN
+        # packed kernel, and PyTorch's own bf16 GEMM (what a CPU without AVX-512 runs), reduce each
+        # row alone (test_row_independence_probe_tells_the_truth).
+        assert torch.equal(alone[0], out[-1]), (head.weight.dtype, packed)
     else:
         # fp32 unpacked (only with PIXTRAL_SERVE_CPU_PACKING set, or a PyTorch without oneDNN): MKL's
-        # sgemm switches kernels below 12 rows, so a row may differ from its batched result by rounding
+        # sgemm switches kernels below 12 rows; older oneDNN (PyTorch 2.11) packed blocks rows by 6.
+        # Either way a row may differ from its batched result by rounding.
         assert (alone[0] - out[-1]).abs().max() <= bound(x[-1:], head.weight, exact[-1:]).max()
+
+
+def test_row_independence_probe_tells_the_truth(head):
+    """`packed_rows_independent` decides on a small layer; the real LM head, a row alone against
+    the same rows in batches of 7 and 40, must agree with its verdict either way."""
+    if head.packed_weight is None:
+        return
+    x = torch.randn(40, head.weight.shape[1], generator=torch.Generator().manual_seed(4)).to(head.weight.dtype)
+    alone = torch.cat([linear(x[i:i + 1], head.weight, packed=head.packed_weight) for i in range(len(x))])
+    independent = all(torch.equal(linear(x[:rows], head.weight, packed=head.packed_weight), alone[:rows])
+                      for rows in (7, 40))
+    assert independent == packed_rows_independent(head.weight.dtype), torch.__version__
 
 
 def test_packed_row_counts_are_few_and_padding_changes_no_row(head):

@@ -82,6 +82,24 @@ def packing_unsupported_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
+@functools.cache
+def packed_rows_independent(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch's oneDNN gives a row of a packed linear the same result alone as in a
+    batch, in `dtype` (asked once per dtype and process; only where `dtype` packs).
+
+    PyTorch 2.13's oneDNN does, at every row count the tests try. PyTorch 2.11's does not: its
+    AVX2 fp32 kernel takes rows in blocks of 6 and the tail rows through another kernel, so a row
+    moves in the last bits with its batch mates, as it does through MKL's sgemm. A batch of 40
+    (six full blocks and a tail of 4) against each row alone tells the two apart."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 256, generator=gen).to(dtype)
+    x = torch.randn(40, 256, generator=gen).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    batch = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return all(torch.equal(torch.ops.mkldnn._linear_pointwise(x[i:i + 1], packed, None, "none", [], "")[0], batch[i])
+               for i in range(len(x)))
+
+
 def packing_path(dtype: torch.dtype) -> tuple[bool, str]:
     """(whether CPU weights of `dtype` are packed, why) under this CPU and PIXTRAL_SERVE_CPU_PACKING."""
     wanted = os.environ.get(PACKING_ENV, "auto").strip().lower() or "auto"
@@ -96,6 +114,8 @@ def packing_path(dtype: torch.dtype) -> tuple[bool, str]:
 def _log_packing_path(dtype: torch.dtype, packed: bool, why: str) -> None:
     """One line per dtype and path per process, at load time."""
     path = "oneDNN matmul on weights packed at load" if packed else "plain matmul (torch.nn.functional.linear)"
+    if packed and not packed_rows_independent(dtype):
+        path += ", a row's result moving in the last bits with its batch mates in this PyTorch's oneDNN"
     log.info("CPU linear layers in %s: %s (%s)", str(dtype).removeprefix("torch."), path, why)
 
 
@@ -104,8 +124,8 @@ class PackableLinear:
 
     On CPU, oneDNN with the weight reordered once into its blocked layout runs these matmuls
     about 2x faster than the BLAS path for decode-sized batches (1-32 rows) and 1.2-1.4x for
-    prefill, still in plain fp32 arithmetic, and gives a row the same result whatever else is in
-    the batch (tests/test_layers.py).
+    prefill, still in plain fp32 arithmetic, and with PyTorch 2.13's oneDNN gives a row the same
+    result whatever else is in the batch (`packed_rows_independent`, tests/test_layers.py).
     The packed copy is made by `pack_linear_weights` after loading (it does not follow later
     in-place changes of `weight`); GPUs never pack, and neither does a dtype this CPU cannot
     pack (bf16 without AVX-512): those take the plain matmul.
