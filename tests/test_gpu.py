@@ -1,7 +1,8 @@
 """The GPU hot path on a GPU: parity with the CPU reference in bf16, CUDA graphs equal eager, and
 the workloads that ran out of memory on PyTorch's math attention. Marked `gpu`: skipped without
-CUDA (conftest). The last test runs `benchmarks.gpu` small on CPU, so the benchmark's own code is
-checked everywhere."""
+CUDA (conftest). The parity test also runs on CPU (FlexAttention forced, padded decode batches
+uncaptured), and the last test runs `benchmarks.gpu` small on CPU, so the code they share with the
+GPU runs, and is checked, everywhere."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import torch
 from benchmarks.gpu import CompileReport
 from model import load_model
 from model.engine.local_executor import build_local_engine
+from model.layers.attention import BACKEND_ENV
 from model.engine.model_runner import ImageFeatures, ModelRunner, SeqChunk, StepInput, profile_forward
 from model.engine.sampling_params import SamplingParams
 from tests.helpers import encode_chat, image_features, random_image
 
-PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, top_logprobs=2)
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, top_logprobs=5)
 
 
 def prompts(checkpoint, model):
@@ -37,31 +39,47 @@ def tokens_and_logprobs(engine, reqs, device: str):
     for rid, tokens, feats in reqs:
         feats = [ImageFeatures(f.features.to(device), f.grid) for f in feats]
         engine.add_request(rid, tokens, PARAMS, feats, [f"{rid}-{k}" for k in range(len(feats))])
-    return {rid: [(t, lp.logprob) for o in outs for t, lp in zip(o.token_ids, o.logprobs)]
+    return {rid: [(t, lp.logprob, dict(lp.top)) for o in outs for t, lp in zip(o.token_ids, o.logprobs)]
             for rid, outs in engine.run_to_completion().items()}
 
 
 def assert_close_runs(got, expected, atol: float) -> None:
-    for rid in expected:
-        assert [t for t, _ in got[rid]] == [t for t, _ in expected[rid]], rid
-        assert max(abs(a - b) for (_, a), (_, b) in zip(got[rid], expected[rid])) <= atol, rid
+    """Each request's greedy tokens are equal, with logprobs within `atol`, up to a step where the two
+    runs chose different tokens from a near tie. Random weights give flat distributions with many
+    near ties, and rounding in another dtype (bf16 against fp32) or another kernel (a padded batch
+    takes other GEMM tiles) breaks some of them the other way: on CPU, bf16 turns one of these
+    requests at its 7th token, by 0.005 in logprob. At such a step each run must give the other's
+    token the logprob the other gave it, within `atol` (so only the argmax of a near tie moved);
+    past it the two texts differ, and nothing more is compared."""
+    for rid, reference in expected.items():
+        assert len(got[rid]) == len(reference), rid
+        for step, ((token, logprob, top), (ref_token, ref_logprob, ref_top)) in enumerate(zip(got[rid], reference)):
+            if token != ref_token:
+                assert ref_token in top and token in ref_top, (rid, step, top, ref_top)
+                assert abs(top[ref_token] - ref_logprob) <= atol and abs(ref_top[token] - logprob) <= atol, \
+                    (rid, step, top, ref_top)
+                break
+            assert abs(logprob - ref_logprob) <= atol, (rid, step, logprob, ref_logprob)
 
 
-@pytest.mark.gpu
-def test_bf16_cuda_engine_matches_the_cpu_reference_and_graphs_equal_eager(mistral_12b):
-    """The engine on CUDA in bf16 (FlexAttention, decode from captured CUDA graphs) gives the CPU
-    fp32 engine's greedy tokens, with logprobs within bf16 error; and the same engine without
-    graphs gives the graphs' tokens."""
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"])
+def test_bf16_engine_matches_the_cpu_reference_and_graphs_equal_eager(mistral_12b, device, monkeypatch):
+    """The engine in bf16 (FlexAttention, decode from captured CUDA graphs) gives the CPU fp32
+    engine's greedy tokens, with logprobs within bf16 error; and the same engine without graphs
+    gives the graphs' tokens. On CPU the same path runs with FlexAttention forced and the padded
+    decode batches uncaptured: it checks this test's own comparison where CI can run it."""
     cpu_model = load_model(mistral_12b)
     reqs = prompts(mistral_12b, cpu_model)
     reference = tokens_and_logprobs(build_local_engine(mistral_12b, model=cpu_model, num_blocks=256), reqs, "cpu")
-    cuda_model = load_model(mistral_12b, device="cuda", dtype=torch.bfloat16, with_vision_encoder=False)
-    graphs = build_local_engine(mistral_12b, model=cuda_model, num_blocks=256, decode_batch_sizes=[1, 2, 4, 8])
+    monkeypatch.setenv(BACKEND_ENV, "flex")
+    bf16_model = load_model(mistral_12b, device=device, dtype=torch.bfloat16, with_vision_encoder=False)
+    graphs = build_local_engine(mistral_12b, model=bf16_model, num_blocks=256, decode_batch_sizes=[1, 2, 4, 8])
     runner = graphs.executor.runner
-    assert runner.attention_backend == "flex" and runner.graphs is not None and runner.graphs.captured
+    assert runner.attention_backend == "flex" and runner.graphs is not None
+    assert runner.graphs.captured == (device == "cuda")
     with CompileReport() as compiles:
-        with_graphs = tokens_and_logprobs(graphs, reqs, "cuda")
-        eager = tokens_and_logprobs(build_local_engine(mistral_12b, model=cuda_model, num_blocks=256), reqs, "cuda")
+        with_graphs = tokens_and_logprobs(graphs, reqs, device)
+        eager = tokens_and_logprobs(build_local_engine(mistral_12b, model=bf16_model, num_blocks=256), reqs, device)
     assert_close_runs(with_graphs, reference, atol=0.05)
     assert_close_runs(eager, with_graphs, atol=0.02)
     assert compiles.limit_hits == 0  # no kernel fell back to eager FlexAttention
