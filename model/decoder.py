@@ -31,12 +31,12 @@ class Attention(nn.Module):
                                                ["wq", "wk", "wv"], tp=tp, fp8=fp8)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp=tp, fp8=fp8)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: AttentionMetadata,
                 cache: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.wqkv(x)
-        q = apply_rope(q.reshape(t, self.n_heads, self.head_dim), angles)  # (T, h, d)
-        k = apply_rope(k.reshape(t, self.n_kv_heads, self.head_dim), angles)  # (T, hkv, d)
+        q = apply_rope(q.reshape(t, self.n_heads, self.head_dim), rotation)  # (T, h, d)
+        k = apply_rope(k.reshape(t, self.n_kv_heads, self.head_dim), rotation)  # (T, hkv, d)
         v = v.reshape(t, self.n_kv_heads, self.head_dim)
         out = causal_attention(q, k, v, batch, cache, self.head_dim ** -0.5)  # (T, h, d)
         return self.wo(out.reshape(t, -1))
@@ -64,7 +64,7 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, batch: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: AttentionMetadata,
                 cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), angles, batch, cache)
+        x = x + self.attention(self.attention_norm(x), rotation, batch, cache)
         return x + self.feed_forward(self.ffn_norm(x))

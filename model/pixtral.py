@@ -17,7 +17,7 @@ from model.decoder import DecoderLayer
 from model.layers.attention import AttentionMetadata, KVCache
 from model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from model.layers.norm import RMSNorm
-from model.layers.rotary import rope_angles_1d
+from model.layers.rotary import rope_angles_1d, rope_rotation
 from model.parallel import SINGLE, ParallelContext
 from model.vision_encoder import VisionEncoder
 
@@ -79,9 +79,9 @@ class PixtralModel(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
         """x: (T, dim) input embeddings of a ragged batch -> (T, dim) final hidden states."""
-        angles = rope_angles_1d(positions, self.args.head_dim, self.args.rope_theta)
+        rotation = rope_rotation(rope_angles_1d(positions, self.args.head_dim, self.args.rope_theta))
         for i, layer in enumerate(self.layers):
-            x = layer(x, angles, batch, None if caches is None else caches[i])
+            x = layer(x, rotation, batch, None if caches is None else caches[i])
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

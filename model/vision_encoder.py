@@ -20,7 +20,7 @@ from torch import nn
 from model.config import VisionEncoderArgs
 from model.layers.linear import Linear
 from model.layers.norm import RMSNorm
-from model.layers.rotary import apply_rope, rope_angles_2d
+from model.layers.rotary import apply_rope, rope_angles_2d, rope_rotation
 
 NORM_EPS = 1e-5
 
@@ -34,11 +34,11 @@ class VisionAttention(nn.Module):
         self.wv = Linear(args.hidden_size, args.hidden_size, bias=False)
         self.wo = Linear(args.hidden_size, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
         """x: (N, hidden), the patches of runs of same-sized images; runs: (images, patches each)."""
         n = x.shape[0]
-        q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), angles)  # (N, h, d)
-        k = apply_rope(self.wk(x).view(n, self.n_heads, self.head_dim), angles)
+        q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), rotation)  # (N, h, d)
+        k = apply_rope(self.wk(x).view(n, self.n_heads, self.head_dim), rotation)
         v = self.wv(x).view(n, self.n_heads, self.head_dim)
         outs, start = [], 0
         for count, patches in runs:
@@ -73,8 +73,8 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, NORM_EPS)
         self.ffn_norm = RMSNorm(args.hidden_size, NORM_EPS)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), angles, runs)
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rotation, runs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -105,10 +105,11 @@ class VisionEncoder(nn.Module):
         # same-sized images side by side (a stable sort), each (hidden, h, w) grid flattened row-major
         order = sorted(range(len(grids)), key=lambda i: grids[i][0] * grids[i][1])
         x = self.ln_pre(torch.cat([patches[i].flatten(1).T for i in order], dim=0))  # (N, hidden)
-        angles = rope_angles_2d([grids[i] for i in order], self.args.head_dim, self.args.rope_theta, x.device)
+        rotation = rope_rotation(rope_angles_2d([grids[i] for i in order], self.args.head_dim, self.args.rope_theta,
+                                                x.device))
         runs = same_size_runs([grids[i][0] * grids[i][1] for i in order])
         for layer in self.transformer.layers:
-            x = layer(x, angles, runs)
+            x = layer(x, rotation, runs)
         if order != list(range(len(order))):  # back to the caller's order
             parts = x.split([grids[i][0] * grids[i][1] for i in order])
             by_image = dict(zip(order, parts))
