@@ -17,9 +17,9 @@ import torch
 from benchmarks.gpu import CompileReport
 from model import load_model
 from model.engine.local_executor import build_local_engine
-from model.layers.attention import BACKEND_ENV
 from model.engine.model_runner import ImageFeatures, ModelRunner, SeqChunk, StepInput, profile_forward
 from model.engine.sampling_params import SamplingParams
+from model.layers.attention import BACKEND_ENV
 from tests.helpers import encode_chat, image_features, random_image
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, top_logprobs=5)
