@@ -32,7 +32,7 @@ fi
 
 out=${1:-gpu-check}
 mkdir -p "$out"
-if ! python3 -c "import mistral_common" 2>/dev/null; then
+if ! python3 -c "import mistral_common.tokens.tokenizers.mistral" 2>/dev/null; then
     [ -d .whl ] || { echo "mistral-common is missing: run 'bash deploy/gpu-check.sh --fetch-wheels' where PyPI is reachable, and bring .whl/" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pixtral-gpu-site .whl/*.whl
     export PYTHONPATH=/tmp/pixtral-gpu-site${PYTHONPATH:+:$PYTHONPATH}
@@ -41,6 +41,9 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
 } 2>&1 | tee "$out/device.txt"
+# Triton builds a small C launcher per kernel: without a C compiler every compile fails, so say it first
+python3 -c "import torch; print('torch.compile on CUDA:', torch.compile(lambda x: x * 2)(torch.ones(4, device='cuda')).sum().item())" \
+    2>&1 | tail -1 | tee -a "$out/device.txt"
 status=0
 python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_gpu.py tests/test_fp8.py 2>&1 | tee "$out/tests.log" || status=1
 python3 -m benchmarks.gpu --json "$out/gpu.json" 2>&1 | tee "$out/benchmark.log" || status=1

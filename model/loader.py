@@ -327,7 +327,14 @@ def _allocate_and_read(module: torch.nn.Module, reads: list[TensorRead], checkpo
     _places_after_allocation(module, reads, prefix)
     read_weights(reads, checkpoint_dir, report)
     pack_linear_weights(module)  # CPU only; after the last change to the weights
-    return module.eval()
+    return frozen(module)
+
+
+def frozen(module: torch.nn.Module):
+    """`module` in eval mode with no parameter requiring grad. Serving never differentiates, and a
+    forward outside inference mode (CUDA graph capture, say) must not record autograd history:
+    FlexAttention raises on it when its block masks carry no query indices, as ours do not."""
+    return module.eval().requires_grad_(False)
 
 
 def _places_after_allocation(model: torch.nn.Module, reads: list[TensorRead], prefix: str = "") -> None:

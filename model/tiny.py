@@ -84,6 +84,7 @@ def random_model(args: ModelArgs, device: str | torch.device, dtype: torch.dtype
     `random_state` scales them."""
     from model.layers.fp8 import cast_model
     from model.layers.linear import pack_linear_weights
+    from model.loader import frozen
     from model.pixtral import PixtralModel
 
     with torch.device("meta"):
@@ -102,7 +103,7 @@ def random_model(args: ModelArgs, device: str | torch.device, dtype: torch.dtype
             else:
                 p.normal_(0.0, math.prod(p.shape[1:]) ** -0.5, generator=gen)
     pack_linear_weights(model)
-    return model.eval()
+    return frozen(model)
 
 
 def make_tiny_checkpoint(out: str | Path, fmt: str = "mistral", shape: str = "12b", seed: int = 0,

@@ -8,7 +8,9 @@ import torch
 from model import load_model
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.local_executor import build_local_engine
+from model.engine.model_runner import ModelRunner
 from model.engine.sampling_params import SamplingParams
+from model.layers.attention import BACKEND_ENV
 from tests.helpers import encode_chat, greedy_reference, image_features, random_image
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -206,6 +208,23 @@ def test_padded_decode_batches_equal_eager(mistral_12b, model, requests_8, monke
         assert max(abs(a - b) for (_, a), (_, b) in zip(padded[rid], eager[rid])) <= 1e-5, rid
     runner_blocks = runner.kv_caches[0].k.shape[0]
     assert runner_blocks == 257 and runner.scratch_block == 256
+
+
+def test_static_decode_forward_runs_outside_inference_mode(model, monkeypatch):
+    """CUDA graph capture runs the static decode forward before any step, outside inference mode.
+    Loaded weights require no grad, so that forward records no autograd history: FlexAttention
+    refuses inputs that require grad (on CUDA because our block masks carry no query indices, on
+    CPU outright), which made every capture fail."""
+    from model.layers import flex_paged
+
+    monkeypatch.setattr(flex_paged, "COMPILE", False)
+    monkeypatch.setenv(BACKEND_ENV, "flex")
+    assert not any(p.requires_grad for p in model.parameters())
+    entry = ModelRunner(model, 64, 16, [2]).graphs.by_size[2]
+    entry.load([entry.padding_row] * 2)
+    assert not torch.is_inference_mode_enabled()
+    logits = entry.forward()
+    assert logits.shape == (2, model.args.vocab_size) and not logits.requires_grad
 
 
 def test_flex_attention_backend_equals_torch_backend(mistral_12b, model, requests_8, monkeypatch):

@@ -81,7 +81,9 @@ def test_bf16_engine_matches_the_cpu_reference_and_graphs_equal_eager(mistral_12
         with_graphs = tokens_and_logprobs(graphs, reqs, device)
         eager = tokens_and_logprobs(build_local_engine(mistral_12b, model=bf16_model, num_blocks=256), reqs, device)
     assert_close_runs(with_graphs, reference, atol=0.05)
-    assert_close_runs(eager, with_graphs, atol=0.02)
+    # the same bf16 weights, but other GEMM tiles for a padded batch: the logits are rounded to bf16,
+    # whose step at this model's top logits (4 to 8) is 2**-5, so one step apart must pass
+    assert_close_runs(eager, with_graphs, atol=0.05)
     assert compiles.limit_hits == 0  # no kernel fell back to eager FlexAttention
 
 

@@ -97,11 +97,15 @@ class DecodeGraphs:
         if capture:
             try:
                 pool = torch.cuda.graph_pool_handle()
-                for size in sorted(self.by_size, reverse=True):  # the largest first: smaller ones reuse its pool
-                    self.by_size[size].capture(pool)
+                # Inference mode, as every step runs: the compiled kernels guard on it, so capturing
+                # outside it would compile each of them a second time (and record autograd history).
+                with torch.inference_mode():
+                    for size in sorted(self.by_size, reverse=True):  # the largest first: smaller ones reuse its pool
+                        self.by_size[size].capture(pool)
                 self.captured = True
             except Exception as exc:  # a capture failure must not stop serving: steps then run eagerly
-                log.warning("CUDA graph capture failed, decoding eagerly: %s", str(exc).splitlines()[0])
+                log.warning("CUDA graph capture failed, decoding eagerly: %s",
+                            (str(exc).splitlines() or [type(exc).__name__])[0])
                 for entry in self.by_size.values():
                     entry.graph = None
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import flex_attention as flex_module
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 Q_BLOCK = 128  # queries per block of the prefill mask (FlexAttention's default block)
@@ -70,15 +71,26 @@ def _compiled_kernel(kind: str, device_type: str):
     return torch.compile(_decode_attention if kind == "decode" else flex_attention, **options)
 
 
+# Inductor takes its flex-decoding kernel for any query shorter than 128 rows with a static batch,
+# which a packed prefill of a few dozen tokens is (batch 1). That kernel tiles the query rows times
+# the GQA group (next power of two) and keeps only tiles that divide the mask's 128-query blocks, so
+# from 33 tokens at Pixtral-12B's 4 query heads per KV head (65 on the tiny test models' 2) it has
+# no config left and the compile fails ("No choices to select"; PyTorch 2.11 and 2.13 alike, read
+# from their source: CPU lowers FlexAttention elsewhere and never meets it). Prefill therefore asks
+# for the general kernel; decode keeps Inductor's choice. PyTorch before `BACKEND` has the older knob.
+_KNOWN_OPTIONS = getattr(getattr(flex_module, "FlexKernelOptions", None), "__annotations__", {})
+GENERAL_KERNEL = {"BACKEND": "TRITON"} if "BACKEND" in _KNOWN_OPTIONS else {"FORCE_USE_FLEX_ATTENTION": True}
+
+
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
            kind: str = "prefill") -> torch.Tensor:
     fn = _compiled_kernel(kind, q.device.type) if COMPILE else flex_attention
-    options = None
+    options = {} if kind == "decode" else dict(GENERAL_KERNEL)  # on CPU too, where it changes nothing
     if q.device.type == "cuda" and block_mask.BLOCK_SIZE[1] < 64:
         # The kernels' tile of keys must divide a KV block (a page); the prefill kernel's default tiles are 64+.
-        options = {"BLOCK_N": block_mask.BLOCK_SIZE[1]}
+        options["BLOCK_N"] = block_mask.BLOCK_SIZE[1]
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-              kernel_options=options)
+              kernel_options=options or None)
 
 
 def decode_rows(n: int) -> int:
