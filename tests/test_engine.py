@@ -227,6 +227,34 @@ def test_static_decode_forward_runs_outside_inference_mode(model, monkeypatch):
     assert logits.shape == (2, model.args.vocab_size) and not logits.requires_grad
 
 
+def test_static_decode_rows_leave_stale_pages_unread(mistral_12b, model, monkeypatch):
+    """A static decode step writes each row's own pages only: when a long sequence finishes and a
+    shorter one (or padding) takes its row, the long one's pages stay past the shorter context.
+    The masks never read them: tokens and logprobs equal the torch backend's."""
+    from model.layers import flex_paged
+
+    monkeypatch.setattr(flex_paged, "COMPILE", False)
+    reqs = [("long", list(range(100, 200)), 2), ("a", [1, 3, 100, 200], 6), ("b", [1, 5, 9], 6), ("c", [1, 7], 6)]
+
+    def run(backend, **sizes):
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        engine = build_local_engine(mistral_12b, model=model, num_blocks=256, **sizes)
+        for rid, tokens, n in reqs:
+            engine.add_request(rid, tokens, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                                           top_logprobs=1))
+        return engine, {rid: [(t, lp.logprob) for o in outs for t, lp in zip(o.token_ids, o.logprobs)]
+                        for rid, outs in engine.run_to_completion().items()}
+
+    _, expected = run("torch")
+    engine, got = run("flex", decode_batch_sizes=[4])
+    entry = engine.executor.runner.graphs.by_size[4]
+    pages = (entry.seq_lens + 15) // 16
+    assert any(entry.tables[i, pages[i]:].any() for i in range(4))  # stale pages were there to misread
+    for rid in expected:
+        assert [t for t, _ in got[rid]] == [t for t, _ in expected[rid]], rid
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got[rid], expected[rid])) <= 1e-5, rid
+
+
 def test_flex_attention_backend_equals_torch_backend(mistral_12b, model, requests_8, monkeypatch):
     """The engine on the FlexAttention backend (CUDA's) gives the torch backend's greedy tokens and
     logprobs: image prefills, chunked prefills (a 64-token step budget), decodes on the static
