@@ -168,6 +168,14 @@ class AppConfig:
             self.decoder.gpus_per_rank = DECODER_GPU_SHARE if cuda else 0.0
         if cuda and not 0 < self.decoder.gpus_per_rank <= 1:
             raise ValueError(f"decoder.gpus_per_rank must be in (0, 1] on CUDA, got {self.decoder.gpus_per_rank}")
+        if cuda and d.tensor_parallel_size > 1 and d.gpus_per_rank <= 0.5:
+            # Ray could pack two ranks of the group onto one GPU, and give both its id: NCCL refuses
+            # a communicator with a GPU twice ("Duplicate GPU detected")
+            raise ValueError(f"decoder.gpus_per_rank must be over 0.5 with tensor_parallel_size > 1, "
+                             f"so that no two ranks share a GPU; got {self.decoder.gpus_per_rank}")
+        if not (isinstance(d.gpu_memory_utilization, (int, float)) and 0 < d.gpu_memory_utilization <= 1):
+            raise ValueError(f"decoder.gpu_memory_utilization is a fraction of the GPU's memory, in (0, 1]; "
+                             f"got {d.gpu_memory_utilization!r}")
 
     @property
     def model_names(self) -> list[str]:

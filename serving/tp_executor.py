@@ -154,6 +154,9 @@ class RankWorker:
         self.runner: ModelRunner | None = None
         self.tables = TableReceiver()
 
+    def ready(self) -> bool:
+        return True
+
     def num_blocks(self, budget: KVBudget, block_size: int) -> int:
         return budget.num_blocks(self.model, block_size)
 
@@ -189,6 +192,7 @@ class RayTPExecutor:
         ip, port = ray.get(ray.remote(num_cpus=0)(_free_port_and_ip).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle)
         ).remote())
+        host = f"[{ip}]" if ":" in ip else ip  # an IPv6 address goes in brackets in a URL
         threads = resources.cpu_threads or max(int(resources.cpus_per_rank), 1)
         group = uuid.uuid4().hex[:8]  # names the ranks of this group, for operators and tests
         self.workers = [
@@ -196,9 +200,13 @@ class RayTPExecutor:
                 name=f"pixtral-tp-rank{r}-{group}", num_cpus=resources.cpus_per_rank, num_gpus=resources.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + r),
                 runtime_env=rank_runtime_env(resources),
-            ).remote(checkpoint, r, size, f"tcp://{ip}:{port}", resources.device, dtype, threads, tokenizer)
+            ).remote(checkpoint, r, size, f"tcp://{host}:{port}", resources.device, dtype, threads, tokenizer)
             for r in range(size)
         ]
+        # Every rank has loaded its weights before any starts the profiling pass: its first
+        # collective sets up NCCL, which waits for the slowest rank at most the group's timeout
+        # (parallel.py), and ranks reading from shared storage can finish loading minutes apart.
+        ray.get([w.ready.remote() for w in self.workers])
         budget = kv or KVBudget()
         self.num_blocks = min(ray.get([w.num_blocks.remote(budget, block_size) for w in self.workers]))
         self.tables = TableSender()

@@ -64,3 +64,20 @@ def test_stream_interval_is_checked():
     assert AppConfig.from_dict({"model": "/m"}).decoder.direct_streams is True
     with pytest.raises(ValueError, match="direct_streams must be true or false"):
         AppConfig.from_dict({"model": "/m", "decoder": {"direct_streams": "no"}})
+
+
+def test_gpu_shares_are_checked():
+    """A tensor-parallel rank needs a GPU to itself: two ranks of 0.5 could be packed onto one GPU,
+    which NCCL refuses. The memory fraction is a fraction."""
+    from serving.config import DECODER_GPU_SHARE, AppConfig
+
+    def config(**decoder):
+        return AppConfig.from_dict({"model": "/m", "device": "cuda", "decoder": decoder})
+
+    assert config(tensor_parallel_size=8).decoder.gpus_per_rank == DECODER_GPU_SHARE
+    assert config(gpus_per_rank=0.5).decoder.gpus_per_rank == 0.5  # one rank may share its GPU
+    with pytest.raises(ValueError, match="gpus_per_rank must be over 0.5 with tensor_parallel_size > 1"):
+        config(tensor_parallel_size=2, gpus_per_rank=0.5)
+    for bad in (0, 90, "most"):
+        with pytest.raises(ValueError, match="gpu_memory_utilization is a fraction"):
+            config(gpu_memory_utilization=bad)

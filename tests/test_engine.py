@@ -227,6 +227,21 @@ def test_static_decode_forward_runs_outside_inference_mode(model, monkeypatch):
     assert logits.shape == (2, model.args.vocab_size) and not logits.requires_grad
 
 
+def test_a_failed_capture_decodes_eagerly_alone_and_stops_a_tensor_parallel_rank(model, monkeypatch, caplog):
+    """A replica of one rank logs a failed capture and decodes eagerly. A tensor-parallel rank must
+    not: the others would capture on into collectives it never joins. Here every capture fails,
+    as there is no CUDA."""
+    from model.parallel import ParallelContext
+
+    with caplog.at_level("WARNING", logger="model.engine.cuda_graphs"):
+        alone = DecodeGraphs(model, [], [1, 2], pages=4, block_size=16, scratch_block=0, capture=True)
+    assert not alone.captured and all(e.graph is None for e in alone.by_size.values())
+    assert "CUDA graph capture failed, decoding eagerly" in caplog.text
+    monkeypatch.setattr(model, "tp", ParallelContext(rank=1, world_size=2))
+    with pytest.raises(RuntimeError, match=r"capture failed on rank 1: .*cuda_graph_batch_sizes to \[\]"):
+        DecodeGraphs(model, [], [1, 2], pages=4, block_size=16, scratch_block=0, capture=True)
+
+
 def test_static_decode_rows_leave_stale_pages_unread(mistral_12b, model, monkeypatch):
     """A static decode step writes each row's own pages only: when a long sequence finishes and a
     shorter one (or padding) takes its row, the long one's pages stay past the shorter context.

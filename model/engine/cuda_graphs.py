@@ -119,8 +119,13 @@ class DecodeGraphs:
                         self.by_size[size].capture(pool)
                 self.captured = True
             except Exception as exc:  # a capture failure must not stop serving: steps then run eagerly
-                log.warning("CUDA graph capture failed, decoding eagerly: %s",
-                            (str(exc).splitlines() or [type(exc).__name__])[0])
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                if model.tp.world_size > 1:
+                    # ...except in a tensor-parallel group: the other ranks would go on capturing
+                    # into collectives this rank never joins, and hang until the group's timeout
+                    raise RuntimeError(f"CUDA graph capture failed on rank {model.tp.rank}: {reason}. Set "
+                                       "decoder.cuda_graph_batch_sizes to [] to decode eagerly") from exc
+                log.warning("CUDA graph capture failed, decoding eagerly: %s", reason)
                 for entry in self.by_size.values():
                     entry.graph = None
 
