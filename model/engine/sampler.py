@@ -3,8 +3,11 @@
 One vectorised path for the whole batch: logit_bias, grammar masks and penalties are scattered in
 from flat host lists (one copy each); temperature, top-k and top-p are applied to all sampled rows
 at once, on the top max(k) candidates when every sampled row has a top_k (no full-vocabulary sort);
-the draw is by inverse CDF, one uniform number per row. Nothing inside waits on the device: the
-tokens, the failed rows and the logprobs come back to the host together at the end.
+the draw is by inverse CDF, one uniform number per row. The tokens, the failed rows and the
+logprobs come back to the host together at the end. Not yet on CUDA: row selections by Python
+list (`logits[rows]`) and the small parameter tensors are copied from pageable host memory, and
+each such copy waits for the stream, so the host cannot queue the sampler's kernels while the
+forward runs (one pinned copy of all of them would remove it; not measured on GPU yet).
 
 Each seeded sequence owns a torch.Generator that draws its row's number, so a seeded request
 draws the same tokens whatever else shares its batch. Unseeded rows share one draw.
