@@ -89,6 +89,11 @@ class VisionEncoderServer:
         cfg = AppConfig.from_dict(config)
         self.tags = {"model": cfg.served_model_name}
         self.device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
+        if self.device.type == "cuda" and cfg.vision.num_gpus < 1:
+            # A replica sharing a GPU (with a decoder rank, by default) stays within its share: past
+            # it, this replica's allocation fails, which it survives (an image at a time, above),
+            # rather than the decoder's.
+            torch.cuda.set_per_process_memory_fraction(cfg.vision.num_gpus)
         self.encoder = load_vision_encoder(cfg.model, device=self.device, dtype=getattr(torch, cfg.dtype),
                                            tokenizer=cfg.tokenizer)
         self.cache = EncoderCache(cfg.vision.cache_bytes)
@@ -133,7 +138,11 @@ class VisionEncoderServer:
                 return [ImageEncodeError(f"the image could not be encoded ({type(exc).__name__})")]
             log.warning("a batch of %d images failed (%s); encoding them one at a time", len(payloads),
                         type(exc).__name__)
-            return [result for p in payloads for result in self._encode_now([p])]
+        # out of the handler first: its traceback holds the failed forward's tensors, which an
+        # out-of-memory retry needs back
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [result for p in payloads for result in self._encode_now([p])]
 
     @torch.inference_mode()
     def _encode_together(self, payloads: list[ImagePayload]) -> list[ImageFeatures]:

@@ -129,16 +129,18 @@ class ModelRunner:
         return output
 
     def _project(self, images: list[ImageFeatures]) -> torch.Tensor:
-        feats = torch.cat([img.features for img in images]).to(self.device)
-        embeds = self.model.project_images(feats, [img.grid for img in images])
         if self.device.type != "cuda":
-            return embeds
-        # Kept for the sequence's life (a recompute after preemption reads them again), in pinned
-        # host memory: on the GPU they would take 40 MiB per 1024x1024 image on Pixtral-12B (96 MiB
-        # per rank on Large) for every running sequence, outside the KV cache's budget. Both copies
-        # are non-blocking on the step's stream, which orders them; the host never reads them.
-        host = torch.empty(embeds.shape, dtype=embeds.dtype, pin_memory=True)
-        return host.copy_(embeds, non_blocking=True)
+            feats = torch.cat([img.features for img in images])
+            return self.model.project_images(feats, [img.grid for img in images])
+        # Kept for the sequence's life (a recompute after preemption reads them again) in host
+        # memory: on the GPU they would take 40 MiB per 1024x1024 image on Pixtral-12B (96 MiB per
+        # rank on Large) for every running sequence, outside the KV cache's budget. Pageable, not
+        # pinned: PyTorch caches pinned blocks rounded up to a power of two and never returns them,
+        # and a failed pinned allocation is a CUDA error. The copies wait on the stream, at the
+        # start and end of work the step does anyway. One image at a time, so that the adapter's
+        # peak is one image's, as the profiling pass measured (up to max_num_batched_tokens tokens).
+        return torch.cat([self.model.project_images(img.features.to(self.device), [img.grid]).cpu()
+                          for img in images])
 
     def _run(self, chunks: list[SeqChunk]) -> StepOutput:
         static = self._static_decode_size(chunks)
@@ -204,6 +206,6 @@ class ModelRunner:
             if mine:
                 rows += mine
                 embeds = self.image_embeds[c.seq_id][c.image_offset:c.image_offset + len(mine)]
-                parts.append(embeds.to(self.device, non_blocking=True))  # from host memory on CUDA
+                parts.append(embeds.to(self.device))  # from host memory on CUDA
             row += len(c.token_ids)
         return rows, torch.cat(parts) if parts else None

@@ -52,8 +52,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
         # dynamic per-token scales: each row's largest value maps to FP8's largest
         x_scale = rows.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
         x_fp8 = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1), out_dtype=x.dtype)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        # row-wise scaling gives bf16 or fp16 only (PyTorch's check, on sm89 and older cuBLAS): an
+        # fp32 model takes bf16 out, below the FP8 rounding of x anyway
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1), out_dtype=out_dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, dequantize(weight, scale, x.dtype))
 
 
