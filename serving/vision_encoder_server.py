@@ -89,10 +89,10 @@ class VisionEncoderServer:
         cfg = AppConfig.from_dict(config)
         self.tags = {"model": cfg.served_model_name}
         self.device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
-        if self.device.type == "cuda" and cfg.vision.num_gpus < 1:
+        if self.device.type == "cuda" and 0 < cfg.vision.num_gpus < 1:
             # A replica sharing a GPU (with a decoder rank, by default) stays within its share: past
-            # it, this replica's allocation fails, which it survives (an image at a time, above),
-            # rather than the decoder's.
+            # it, this replica's allocation fails, which it survives (`_encode_now` retries an image
+            # at a time), rather than the decoder's.
             torch.cuda.set_per_process_memory_fraction(cfg.vision.num_gpus)
         self.encoder = load_vision_encoder(cfg.model, device=self.device, dtype=getattr(torch, cfg.dtype),
                                            tokenizer=cfg.tokenizer)
