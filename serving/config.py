@@ -87,6 +87,9 @@ class DecoderConfig:
     cuda_graph_batch_sizes: list[int] | None = None
     kv_cache_bytes: int = 1 << 30  # CPU budget
     gpu_memory_utilization: float = 0.9
+    # a replica whose engine has spent longer than this in one step fails its health check, and
+    # Serve replaces it (a hung GPU otherwise looks healthy)
+    step_timeout_s: float = 300.0
     enable_prefix_caching: bool = True
     affinity_routing: bool = True  # route a prompt to the replica whose prefix cache likely holds it
     affinity_load_factor: float = 1.25
@@ -173,6 +176,8 @@ class AppConfig:
             # a communicator with a GPU twice ("Duplicate GPU detected")
             raise ValueError(f"decoder.gpus_per_rank must be over 0.5 with tensor_parallel_size > 1, "
                              f"so that no two ranks share a GPU; got {self.decoder.gpus_per_rank}")
+        if not (isinstance(d.step_timeout_s, (int, float)) and d.step_timeout_s > 0):
+            raise ValueError(f"decoder.step_timeout_s must be a positive number of seconds, got {d.step_timeout_s!r}")
         if not (isinstance(d.gpu_memory_utilization, (int, float)) and 0 < d.gpu_memory_utilization <= 1):
             raise ValueError(f"decoder.gpu_memory_utilization is a fraction of the GPU's memory, in (0, 1]; "
                              f"got {d.gpu_memory_utilization!r}")

@@ -80,7 +80,7 @@ class DecoderServer:
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, resources, cfg.dtype, kv, d.block_size,
                                         pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
                                         decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)
-        self.engine = AsyncEngine(engine, stream_interval_s=d.stream_interval_ms / 1000)
+        self.engine = AsyncEngine(engine, stream_interval_s=d.stream_interval_ms / 1000, step_timeout_s=d.step_timeout_s)
         self.outboxes = Outboxes(interval_s=d.stream_interval_ms / 1000)
         self.tags = {"model": cfg.served_model_name}
         self._reported = dict.fromkeys(["preemptions", "prefix_queried_blocks", "prefix_hit_blocks", "failed_requests",
@@ -185,5 +185,9 @@ class DecoderServer:
                 "direct_frames": self.outboxes.frames, "direct_fallbacks": self.outboxes.fallbacks}
 
     def check_health(self) -> None:
+        stuck = self.engine.stuck_for()
+        if stuck is not None:
+            raise RuntimeError(f"an engine step has run for {stuck:.0f} s, over decoder.step_timeout_s: "
+                               "the device may be hung")
         if not self.engine.healthy:
             raise RuntimeError(f"engine stopped: {self.engine.error!r}")

@@ -140,13 +140,15 @@ class RankWorker:
     def __init__(self, checkpoint: str, rank: int, world_size: int, init_method: str, device: str,
                  dtype: str, cpu_threads: int, tokenizer: str | None = None) -> None:
         setup_logging()
+        self.gpu: int | None = None
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         else:
             # The actor sees every GPU of its node (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES, set
             # by RayTPExecutor): masking each rank to its own GPU hides the peers that NCCL's
             # peer-to-peer paths over NVLink/NVSwitch need. So each rank selects the GPU Ray gave it.
-            torch.cuda.set_device(visible_index(ray.get_gpu_ids()[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
+            self.gpu = visible_index(ray.get_gpu_ids()[0], os.environ.get("CUDA_VISIBLE_DEVICES"))
+            torch.cuda.set_device(self.gpu)
         backend = "nccl" if device == "cuda" else "gloo"
         self.tp = init_distributed(rank, world_size, init_method, backend)
         self.model = load_model(checkpoint, device=device, dtype=getattr(torch, dtype), tp=self.tp,
@@ -158,13 +160,22 @@ class RankWorker:
         return True
 
     def num_blocks(self, budget: KVBudget, block_size: int) -> int:
+        self._on_my_gpu()
         return budget.num_blocks(self.model, block_size)
+
+    def _on_my_gpu(self) -> None:
+        """The current CUDA device is per thread: a plain actor runs every method on the thread that
+        ran __init__, but concurrency groups would move them to others, which would start on GPU 0."""
+        if self.gpu is not None:
+            torch.cuda.set_device(self.gpu)
 
     def init_cache(self, num_blocks: int, block_size: int, decode_batch_sizes: list[int] | None = None,
                    max_pages: int | None = None) -> None:
+        self._on_my_gpu()
         self.runner = ModelRunner(self.model, num_blocks, block_size, decode_batch_sizes, max_pages)
 
     def execute(self, step: StepInput, masks: list | None = None) -> StepOutput:
+        self._on_my_gpu()
         return self.runner.execute(join_masks(self.tables.decode(step), masks))
 
     def full_logits(self, tokens: list[int]) -> torch.Tensor:

@@ -64,6 +64,9 @@ def test_stream_interval_is_checked():
     assert AppConfig.from_dict({"model": "/m"}).decoder.direct_streams is True
     with pytest.raises(ValueError, match="direct_streams must be true or false"):
         AppConfig.from_dict({"model": "/m", "decoder": {"direct_streams": "no"}})
+    assert AppConfig.from_dict({"model": "/m"}).decoder.step_timeout_s == 300
+    with pytest.raises(ValueError, match="step_timeout_s must be a positive number of seconds"):
+        AppConfig.from_dict({"model": "/m", "decoder": {"step_timeout_s": 0}})
 
 
 def test_gpu_shares_are_checked():

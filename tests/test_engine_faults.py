@@ -217,3 +217,41 @@ def test_image_encode_errors_are_told_apart_from_replica_failures():
     except RuntimeError as outer:
         assert _caused_by(outer, ImageEncodeError)
     assert not _caused_by(ActorDiedError(), ImageEncodeError)
+
+
+def test_a_step_that_never_returns_makes_the_engine_unhealthy(mistral_12b, model):
+    """A hung device blocks the engine thread inside a step, alive and without an error: past
+    `step_timeout_s` in one step the engine reports itself unhealthy (the replica's health check
+    fails and Serve replaces it), and healthy again if the step does return."""
+    import threading
+    import time
+
+    engine = build_local_engine(mistral_12b, model=model, num_blocks=64)
+    release = threading.Event()
+    step = engine.step
+    engine.step = lambda: release.wait(30) and step()
+    async_engine = AsyncEngine(engine, step_timeout_s=0.3)
+
+    async def one_request():
+        return [o async for o in async_engine.generate("r", [1, 3, 100, 200], SamplingParams(max_tokens=2))]
+
+    try:
+        assert async_engine.healthy and async_engine.stuck_for() is None
+
+        async def main():
+            task = asyncio.ensure_future(one_request())
+            deadline = time.monotonic() + 10
+            while async_engine.healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            stuck = async_engine.stuck_for()
+            healthy_while_stuck = async_engine.healthy
+            release.set()
+            return stuck, healthy_while_stuck, await task
+
+        stuck, healthy_while_stuck, outputs = asyncio.run(main())
+        assert not healthy_while_stuck and stuck is not None and stuck > 0.3
+        assert outputs and outputs[-1].finished
+        assert async_engine.healthy  # the step returned: a slow step, not a dead engine
+    finally:
+        release.set()
+        async_engine.shutdown()

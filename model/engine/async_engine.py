@@ -76,9 +76,14 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0) -> None:
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0, step_timeout_s: float | None = None) -> None:
         self.engine = engine
         self.stream_interval_s = stream_interval_s
+        # A step that never returns (a hung GPU: the engine thread waits in the sampler's read-back)
+        # leaves the thread alive and no error set: `healthy` would pass forever while every
+        # request on this engine waited. Past this many seconds in one step, it is unhealthy.
+        self.step_timeout_s = step_timeout_s
+        self._step_started: float | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -89,7 +94,15 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and self._thread.is_alive() and self.stuck_for() is None
+
+    def stuck_for(self) -> float | None:
+        """How long the running step has taken, once that is over `step_timeout_s`; else None."""
+        started = self._step_started
+        if self.step_timeout_s is None or started is None:
+            return None
+        running = time.monotonic() - started
+        return running if running > self.step_timeout_s else None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        images: list[ImageFeatures] | None = None,
@@ -161,6 +174,7 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except BaseException as exc:  # the executor failed (a request's own faults fail it alone)
@@ -168,6 +182,8 @@ class AsyncEngine:
                 self.error = exc
                 self._fail_all(f"the engine stopped: {type(exc).__name__}", self.engine.in_step)
                 return
+            finally:
+                self._step_started = None
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:

@@ -261,8 +261,8 @@ def _bit(position: int) -> int:
 
 def apply_allowed(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
     """Set every token a row's mask does not allow to -inf, in place (only the constrained rows)."""
-    bits = torch.arange(32, dtype=torch.int32)
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
     words = torch.stack(masks).to(logits.device)  # (n, words)
-    allowed = ((words.unsqueeze(-1) >> bits.to(logits.device)) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :logits.shape[1]]
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

@@ -238,6 +238,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         step = self._step_input(chunks)
         self.in_step = {c.seq.request_id for c in chunks}
+        failed = False
         try:
             result = self.executor.execute(step)
         except ExecutorDeadError:
@@ -246,9 +247,10 @@ class LLMEngine:
             log.warning("a step of %d sequences failed (%s); running them one at a time to find which",
                         len(chunks), _describe(exc))
             self._finished_ids[:0] = step.finished  # the failed step may not have released them
-            outputs = self._isolate(chunks, step)
-        else:
-            outputs = self._postprocess(chunks, result)
+            failed = True
+        # The reruns start after the handler: its traceback holds the failed forward's tensors,
+        # which a rerun after running out of GPU memory needs back.
+        outputs = self._isolate(chunks, step) if failed else self._postprocess(chunks, result)
         self.in_step = set()
         outputs, self._aborted = self._aborted + outputs, []
         return outputs

@@ -74,8 +74,8 @@ def _blocks_or_fail(budget: float, per_block: int, block_size: int, need_tokens:
 
 # A CUDA error other than out-of-memory leaves the context unusable ("sticky"): no later step can
 # succeed in this process, so the engine must stop and the replica be replaced.
-DEVICE_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "NCCL error", "device-side assert",
-                        "illegal memory access")
+DEVICE_FATAL_MARKERS = ("CUDA error", "CUDA driver error", "Triton Error [CUDA]", "CUBLAS_STATUS", "cuDNN error",
+                        "NCCL error", "device-side assert", "illegal memory access")
 
 
 def is_device_fatal(exc: BaseException) -> bool:
