@@ -88,7 +88,8 @@ class DecoderConfig:
     kv_cache_bytes: int = 1 << 30  # CPU budget
     gpu_memory_utilization: float = 0.9
     # a replica whose engine has spent longer than this in one step fails its health check, and
-    # Serve replaces it (a hung GPU otherwise looks healthy)
+    # Serve replaces it (a hung GPU otherwise looks healthy); a tensor-parallel step that takes
+    # longer stops the engine
     step_timeout_s: float = 300.0
     enable_prefix_caching: bool = True
     affinity_routing: bool = True  # route a prompt to the replica whose prefix cache likely holds it

@@ -79,7 +79,8 @@ class DecoderServer:
             resources = RankResources(cfg.device, d.cpus_per_rank, d.gpus_per_rank, d.cpu_threads)
             engine, _ = build_tp_engine(cfg.model, d.tensor_parallel_size, resources, cfg.dtype, kv, d.block_size,
                                         pg=get_current_placement_group(), first_bundle=1, tokenizer=cfg.tokenizer,
-                                        decode_batch_sizes=d.cuda_graph_batch_sizes, **overrides)
+                                        decode_batch_sizes=d.cuda_graph_batch_sizes, step_timeout_s=d.step_timeout_s,
+                                        **overrides)
         self.engine = AsyncEngine(engine, stream_interval_s=d.stream_interval_ms / 1000, step_timeout_s=d.step_timeout_s)
         self.outboxes = Outboxes(interval_s=d.stream_interval_ms / 1000)
         self.tags = {"model": cfg.served_model_name}

@@ -193,9 +193,9 @@ class RayTPExecutor:
     def __init__(self, checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                  kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
                  first_bundle: int = 0, tokenizer: str | None = None, decode_batch_sizes: list[int] | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, step_timeout_s: float = 300.0) -> None:
         size = tensor_parallel_size
-        self.step_timeout_s = 300.0
+        self.step_timeout_s = step_timeout_s
         self.owns_pg = pg is None
         self.pg = pg or placement_group(placement_bundles(size, resources),
                                         strategy="STRICT_PACK" if resources.gpus_per_rank else "PACK")
@@ -256,12 +256,12 @@ class RayTPExecutor:
 def build_tp_engine(checkpoint: str, tensor_parallel_size: int, resources: RankResources, dtype: str = "float32",
                     kv: KVBudget | None = None, block_size: int = 16, pg: PlacementGroup | None = None,
                     first_bundle: int = 0, tokenizer: str | None = None, decode_batch_sizes: list[int] | None = None,
-                    **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
+                    step_timeout_s: float = 300.0, **engine_overrides) -> tuple[LLMEngine, RayTPExecutor]:
     """An engine whose model runs on `tensor_parallel_size` Ray actors (in bundles first_bundle...)."""
     args = load_model_args(checkpoint, tokenizer)
     executor = RayTPExecutor(checkpoint, tensor_parallel_size, resources, dtype, kv, block_size, pg, first_bundle,
                              tokenizer, decode_batch_sizes,
-                             engine_overrides.get("max_model_len", args.max_position_embeddings))
+                             engine_overrides.get("max_model_len", args.max_position_embeddings), step_timeout_s)
     decode, eos = tokenizer_decode(checkpoint, tokenizer)
     config = engine_config_for(args, executor.num_blocks, eos, block_size=block_size, **engine_overrides)
     return LLMEngine(executor, config, decode, grammar_compiler(checkpoint, args, tokenizer)), executor
